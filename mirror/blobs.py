@@ -1,0 +1,49 @@
+"""Blobs: served from the cache, or streamed from a shared upstream fill."""
+
+from __future__ import annotations
+
+import httpx
+
+from mirror import errors
+from mirror.fills import Fills, Reader
+from mirror.reference import Digest
+from mirror.store import Store
+from mirror.upstream import UpstreamClient, upstream_error
+
+
+class BlobService:
+    def __init__(self, store: Store, fills: Fills) -> None:
+        self.store = store
+        self.fills = fills
+
+    async def size(self, client: UpstreamClient, repo: str, digest: Digest) -> int:
+        """The blob's length, for HEAD: from the cache, a running fill, or an upstream HEAD."""
+        size = self.store.size(digest)
+        if size is not None:
+            return size
+        fill = self.fills.active.get(digest)
+        if fill is not None and fill.size is not None:
+            return fill.size
+        response = await client.send("HEAD", f"/v2/{repo}/blobs/{digest}", repo=repo)
+        length = response.headers.get("content-length", "")
+        if response.status_code != 200:
+            raise upstream_error(response, client.name, errors.BlobUnknown, f"blob {digest}")
+        if not length.isdigit():
+            raise errors.UpstreamError(f"upstream {client.name} sent no length for {digest}")
+        return int(length)
+
+    async def open(self, client: UpstreamClient, repo: str, digest: Digest) -> Reader:
+        """A reader over the blob; the caller streams `reader.chunks(...)` (which closes it)."""
+
+        async def fetch() -> httpx.Response:
+            response = await client.send(
+                "GET", f"/v2/{repo}/blobs/{digest}", repo=repo,
+                headers={"Accept-Encoding": "identity"}, stream=True)
+            if response.status_code != 200:
+                body = await response.aread()
+                await response.aclose()
+                raise upstream_error(
+                    response, client.name, errors.BlobUnknown, f"blob {digest}", body)
+            return response
+
+        return await self.fills.open(digest, fetch)

@@ -1,0 +1,72 @@
+"""The `mirror` command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from mirror import __version__
+from mirror.settings import RESOLVED_ENV, SettingsError, load
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mirror", description="A pull-through caching mirror for container registries.")
+    parser.add_argument("--version", action="version", version=f"mirror {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the mirror")
+    add_common(serve)
+    serve.add_argument("--listen", metavar="HOST:PORT", help="address to listen on "
+                       "(default 0.0.0.0:5000)")
+    serve.add_argument("--tag-ttl", metavar="SECONDS", help="how long a tag's digest is "
+                       "trusted before asking upstream again (default 60)")
+    serve.add_argument("--workers", metavar="N", help="worker processes (default 1)")
+    serve.add_argument("--log-level", metavar="LEVEL", help="critical..debug (default info)")
+    return parser
+
+
+def add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="TOML settings file")
+    parser.add_argument("--cache-dir", metavar="DIR", help="where the cache lives")
+    parser.add_argument("--upstream", dest="upstreams", action="append", metavar="[NAME=]URL",
+                        help="upstream registry (repeatable; the first is the default)")
+
+
+def flags_of(args: argparse.Namespace) -> dict[str, Any]:
+    skip = {"command"}
+    return {k: v for k, v in vars(args).items() if k not in skip and v is not None}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load(flags_of(args))
+    except SettingsError as exc:
+        print(f"mirror: bad setting: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "serve":
+        return serve(settings)
+    return 2
+
+
+def serve(settings: Any) -> int:
+    import uvicorn
+
+    host, port = settings.host_port
+    try:
+        settings.cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"mirror: bad setting: cache_dir: cannot create {settings.cache_dir}: "
+              f"{exc.strerror}", file=sys.stderr)
+        return 2
+    os.environ[RESOLVED_ENV] = settings.to_json()
+    uvicorn.run(
+        "mirror.app:app_from_env", factory=True, host=host, port=port,
+        workers=settings.workers if settings.workers > 1 else None,
+        loop="uvloop", http="httptools", access_log=False, log_level=settings.log_level,
+        timeout_graceful_shutdown=5)
+    return 0

@@ -1,0 +1,234 @@
+"""Manifests: tag resolution, fetch-once-by-digest, and byte-exact storage.
+
+A tag is resolved upstream with a HEAD carrying the client's Accept set (a HEAD does not count
+against Docker Hub's pull limit); the answer is kept for `tag_ttl`, in memory and in the index
+(so other workers share it). Manifest bytes are fetched once per digest, verified, stored and
+served exactly as received.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import cachetools
+
+from mirror import errors
+from mirror.fills import SingleFlight, exclusive
+from mirror.reference import Digest, parse_digest
+from mirror.store import Store
+from mirror.upstream import UpstreamClient, upstream_error
+
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+SCHEMA1 = "application/vnd.docker.distribution.manifest.v1+json"
+SCHEMA1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"
+MANIFEST_TYPES = (OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST, SCHEMA1_SIGNED, SCHEMA1)
+# What we ask for when fetching by digest: the bytes are fixed, any type will do.
+ACCEPT_ALL = ", ".join((*MANIFEST_TYPES, "*/*"))
+MAX_MANIFEST = 4 * 1024 * 1024
+HOT_BYTES = 64 * 1024 * 1024
+
+AcceptKey = tuple[str, ...]
+
+
+def accept_key(headers: list[str]) -> AcceptKey:
+    """The set of media types a client accepts, normalised (order, params, case dropped)."""
+    types = {part.split(";")[0].strip().lower() for h in headers for part in h.split(",")}
+    types.discard("")
+    return tuple(sorted(types))
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestInfo:
+    digest: Digest
+    media_type: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    info: ManifestInfo
+    data: bytes
+
+
+def media_type_of(data: bytes, content_type: str | None) -> str:
+    """The manifest's media type: the upstream's Content-Type, else the document's own."""
+    declared = (content_type or "").split(";")[0].strip().lower()
+    if declared in MANIFEST_TYPES or declared.endswith("+json"):
+        return declared
+    try:
+        value = json.loads(data).get("mediaType")
+    except (ValueError, AttributeError):
+        value = None
+    if isinstance(value, str) and value:
+        return value
+    return declared or OCI_MANIFEST
+
+
+class ManifestService:
+    def __init__(self, store: Store, tag_ttl: Callable[[UpstreamClient], float]) -> None:
+        self.store = store
+        self.tag_ttl = tag_ttl
+        self._tags: dict[str, cachetools.TTLCache[tuple[str, str, AcceptKey], ManifestInfo]] = {}
+        self._hot: cachetools.LRUCache[Digest, Manifest] = cachetools.LRUCache(
+            HOT_BYTES, getsizeof=lambda m: len(m.data) + 200)
+        self._flight = SingleFlight()
+
+    # -- tags ----------------------------------------------------------------------------
+
+    async def resolve(
+        self, client: UpstreamClient, repo: str, tag: str, accept: AcceptKey
+    ) -> ManifestInfo:
+        cache = self._tag_cache(client)
+        key = (repo, tag, accept)
+        info = cache.get(key)
+        if info is not None:
+            return info
+        info = await self._flight.do(
+            ("tag", client.name, *key), lambda: self._resolve_shared(client, repo, tag, accept))
+        cache[key] = info
+        return info
+
+    def _tag_cache(
+        self, client: UpstreamClient
+    ) -> cachetools.TTLCache[tuple[str, str, AcceptKey], ManifestInfo]:
+        cache = self._tags.get(client.name)
+        if cache is None:
+            cache = self._tags[client.name] = cachetools.TTLCache(100_000, self.tag_ttl(client))
+        return cache
+
+    async def _resolve_shared(
+        self, client: UpstreamClient, repo: str, tag: str, accept: AcceptKey
+    ) -> ManifestInfo:
+        """One upstream HEAD per tag across all workers: lock, then share via the index."""
+        record_key = ("tag", client.name, repo, tag, accept)
+        name = "tag-" + hashlib.sha256(repr(record_key).encode()).hexdigest()
+        ttl = self.tag_ttl(client)
+        for _ in range(3):
+            record = self.store.get_meta(record_key)
+            if record and time.time() - record["at"] < ttl:
+                return ManifestInfo(parse_digest(record["digest"]), record["type"], record["size"])
+            lock = await exclusive(self.store, name, timeout=120)
+            if lock is None:
+                continue  # another worker just resolved it: read its record
+            try:
+                info = await self._resolve_upstream(client, repo, tag, accept)
+                self.store.set_meta(record_key, {
+                    "digest": str(info.digest), "type": info.media_type, "size": info.size,
+                    "at": time.time()})
+                return info
+            finally:
+                lock.release()
+        return await self._resolve_upstream(client, repo, tag, accept)
+
+    async def _resolve_upstream(
+        self, client: UpstreamClient, repo: str, tag: str, accept: AcceptKey
+    ) -> ManifestInfo:
+        headers = {"Accept": ", ".join(accept)} if accept else {}
+        path = f"/v2/{repo}/manifests/{tag}"
+        what = f"manifest {repo}:{tag}"
+        response = await client.send("HEAD", path, repo=repo, headers=headers)
+        digest_header = response.headers.get("docker-content-digest")
+        if response.status_code == 200 and digest_header:
+            length = response.headers.get("content-length", "")
+            if length.isdigit() and int(length) > MAX_MANIFEST:
+                raise errors.UpstreamError(f"upstream {client.name}: {what} is over 4 MiB")
+            try:
+                digest = parse_digest(digest_header)
+            except errors.DigestInvalid as exc:
+                raise errors.UpstreamError(
+                    f"upstream {client.name} sent a bad digest for {what}") from exc
+            media_type = (response.headers.get("content-type") or "").split(";")[0].strip()
+            if media_type and length.isdigit():
+                return ManifestInfo(digest, media_type, int(length))
+        elif response.status_code != 200:
+            raise upstream_error(response, client.name, errors.ManifestUnknown, what)
+        # No usable HEAD answer: GET the manifest and learn its digest from the bytes.
+        manifest = await self._download(client, repo, tag, None, headers)
+        return manifest.info
+
+    # -- by digest -----------------------------------------------------------------------
+
+    def cached(self, digest: Digest) -> Manifest | None:
+        manifest = self._hot.get(digest)
+        if manifest is not None:
+            return manifest
+        data = self.store.read(digest)
+        if data is None:
+            return None
+        media_type = self.store.get_meta(("mt", str(digest))) or media_type_of(data, None)
+        manifest = Manifest(ManifestInfo(digest, media_type, len(data)), data)
+        self._hot[digest] = manifest
+        return manifest
+
+    async def get(self, client: UpstreamClient, repo: str, digest: Digest) -> Manifest:
+        manifest = self.cached(digest)
+        if manifest is not None:
+            return manifest
+        return await self._flight.do(
+            ("manifest", digest), lambda: self._fetch(client, repo, digest))
+
+    async def _fetch(self, client: UpstreamClient, repo: str, digest: Digest) -> Manifest:
+        name = f"{digest.algorithm}-{digest.hex}"
+        for _ in range(3):
+            manifest = self.cached(digest)
+            if manifest is not None:
+                return manifest
+            lock = await exclusive(self.store, name, timeout=120)
+            if lock is None:
+                continue
+            try:
+                return await self._download(client, repo, str(digest), digest, {})
+            finally:
+                lock.release()
+        return await self._download(client, repo, str(digest), digest, {})
+
+    async def _download(
+        self,
+        client: UpstreamClient,
+        repo: str,
+        reference: str,
+        expected: Digest | None,
+        headers: dict[str, str],
+    ) -> Manifest:
+        """GET a manifest, check it, store it by the digest of its exact bytes."""
+        what = f"manifest {repo}@{reference}" if expected else f"manifest {repo}:{reference}"
+        response = await client.send(
+            "GET", f"/v2/{repo}/manifests/{reference}", repo=repo,
+            headers={"Accept": ACCEPT_ALL, **headers}, stream=True)
+        try:
+            if response.status_code != 200:
+                body = await response.aread()
+                raise upstream_error(response, client.name, errors.ManifestUnknown, what, body)
+            buffer = bytearray()
+            async for chunk in response.aiter_bytes():
+                buffer += chunk
+                if len(buffer) > MAX_MANIFEST:
+                    raise errors.UpstreamError(
+                        f"upstream {client.name}: {what} is over 4 MiB; not cached")
+        finally:
+            await response.aclose()
+        data = bytes(buffer)
+        try:
+            json.loads(data)
+        except ValueError:
+            raise errors.UpstreamError(
+                f"upstream {client.name}: {what} is not valid JSON; not cached") from None
+        algorithm = expected.algorithm if expected else "sha256"
+        digest = Digest(algorithm, hashlib.new(algorithm, data).hexdigest())
+        if expected is not None and digest != expected:
+            raise errors.UpstreamError(
+                f"upstream {client.name}: {what} does not match its digest; not cached")
+        media_type = media_type_of(data, response.headers.get("content-type"))
+        manifest = Manifest(ManifestInfo(digest, media_type, len(data)), data)
+        if self.store.size(digest) is None:
+            self.store.set_meta(("mt", str(digest)), media_type)
+            self.store.write(digest, data)
+        self._hot[digest] = manifest
+        return manifest

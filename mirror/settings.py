@@ -1,0 +1,216 @@
+"""Settings: defaults < TOML file < environment (`MIRROR_<SETTING>`) < command-line flags.
+
+Everything the app needs is in one immutable `Settings`, built once at start and handed to
+the app factory (serialised to JSON for uvicorn's worker processes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+DOCKER_HUB_URL = "https://registry-1.docker.io"
+DOCKER_HUB = "docker.io"
+ENV_PREFIX = "MIRROR_"
+# How resolved settings reach uvicorn's worker processes.
+RESOLVED_ENV = "_MIRROR_RESOLVED_SETTINGS"
+
+
+class SettingsError(ValueError):
+    """A setting has a bad value; the message names the setting."""
+
+
+@dataclass(frozen=True)
+class Upstream:
+    name: str
+    url: str
+    username: str | None = None
+    password: str | None = None
+    tag_ttl: float | None = None
+    # Docker Hub's convention: a one-component name `nginx` means `library/nginx`.
+    library_prefix: bool = False
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).netloc
+
+
+@dataclass(frozen=True)
+class Settings:
+    listen: str = "0.0.0.0:5000"
+    upstreams: tuple[Upstream, ...] = (Upstream(DOCKER_HUB, DOCKER_HUB_URL, library_prefix=True),)
+    cache_dir: Path = field(default_factory=lambda: default_cache_dir())
+    tag_ttl: float = 60.0
+    workers: int = 1
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    log_level: str = "info"
+
+    @property
+    def default_upstream(self) -> Upstream:
+        return self.upstreams[0]
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        return parse_listen(self.listen)
+
+    def to_json(self) -> str:
+        data = dataclasses.asdict(self)
+        data["cache_dir"] = str(self.cache_dir)
+        return json.dumps(data)
+
+    @classmethod
+    def from_json(cls, text: str) -> Settings:
+        data = json.loads(text)
+        data["upstreams"] = tuple(Upstream(**u) for u in data["upstreams"])
+        data["cache_dir"] = Path(data["cache_dir"])
+        return cls(**data)
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "mirror"
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise SettingsError(f"listen: expected HOST:PORT, got {value!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
+          "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+          "tib": 2**40}
+
+
+def parse_size(value: str | int) -> int:
+    """`10GB`, `512MiB`, `1048576` -> bytes."""
+    if isinstance(value, int):
+        return value
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", value)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"not a size: {value!r}")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def parse_upstream(spec: str | Mapping[str, Any]) -> Upstream:
+    """`[NAME=]URL` or a TOML table; a bare URL is named after its host."""
+    if isinstance(spec, str):
+        name, sep, url = spec.partition("=")
+        if not sep:
+            name, url = "", spec
+        spec = {"name": name, "url": url}
+    data = dict(spec)
+    url = str(data.get("url", "")).rstrip("/")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise SettingsError(f"upstream: expected an http(s) URL, got {url!r}")
+    data["url"] = url
+    if not data.get("name"):
+        data["name"] = DOCKER_HUB if url == DOCKER_HUB_URL else parts.netloc
+    data.setdefault("library_prefix", data["name"] == DOCKER_HUB)
+    known = {f.name for f in dataclasses.fields(Upstream)}
+    unknown = set(data) - known
+    if unknown:
+        raise SettingsError(f"upstream {data['name']}: unknown setting(s) {sorted(unknown)}")
+    if data.get("tag_ttl") is not None:
+        data["tag_ttl"] = _positive("upstream.tag_ttl", data["tag_ttl"])
+    return Upstream(**data)
+
+
+def _positive(name: str, value: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise SettingsError(f"{name}: expected a number, got {value!r}") from None
+    if number < 0:
+        raise SettingsError(f"{name}: must not be negative, got {value!r}")
+    return number
+
+
+def _workers(name: str, value: Any) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise SettingsError(f"{name}: expected a whole number, got {value!r}") from None
+    if number < 1:
+        raise SettingsError(f"{name}: must be at least 1, got {value!r}")
+    return number
+
+
+def _upstreams(name: str, value: Any) -> tuple[Upstream, ...]:
+    if isinstance(value, str):
+        value = [v for v in value.split(",") if v.strip()]
+    if not isinstance(value, list | tuple) or not value:
+        raise SettingsError(f"{name}: expected a non-empty list of upstreams")
+    upstreams = tuple(v if isinstance(v, Upstream) else parse_upstream(v) for v in value)
+    names = [u.name for u in upstreams]
+    if len(set(names)) != len(names):
+        raise SettingsError(f"{name}: upstream names must be unique, got {names}")
+    return upstreams
+
+
+def _listen(name: str, value: Any) -> str:
+    parse_listen(str(value))
+    return str(value)
+
+
+def _level(name: str, value: Any) -> str:
+    levels = ("critical", "error", "warning", "info", "debug", "trace")
+    if str(value).lower() not in levels:
+        raise SettingsError(f"{name}: expected one of {levels}, got {value!r}")
+    return str(value).lower()
+
+
+_PARSERS: dict[str, Callable[[str, Any], Any]] = {
+    "listen": _listen,
+    "upstreams": _upstreams,
+    "cache_dir": lambda _n, v: Path(str(v)).expanduser(),
+    "tag_ttl": _positive,
+    "workers": _workers,
+    "connect_timeout": _positive,
+    "read_timeout": _positive,
+    "log_level": _level,
+}
+
+
+def load(flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Resolve settings; `flags` holds only the flags given (None values are ignored)."""
+    env = os.environ if env is None else env
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    config = flags.pop("config", None) or env.get(ENV_PREFIX + "CONFIG")
+    merged: dict[str, Any] = {}
+    if config:
+        merged.update(_read_toml(Path(config)))
+    for key in _PARSERS:
+        if ENV_PREFIX + key.upper() in env:
+            merged[key] = env[ENV_PREFIX + key.upper()]
+    merged.update(flags)
+    values = {}
+    for key, value in merged.items():
+        if key not in _PARSERS:
+            raise SettingsError(f"unknown setting {key!r}")
+        values[key] = _PARSERS[key](key, value)
+    return Settings(**values)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise SettingsError(f"config: cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"config: {path} is not valid TOML: {exc}") from None
+    if "upstream" in data and "upstreams" not in data:
+        data["upstreams"] = data.pop("upstream")
+    return data

@@ -1,0 +1,116 @@
+"""Bearer token auth towards upstreams (Docker registry token spec).
+
+A challenge `WWW-Authenticate: Bearer realm=...,service=...,scope=...` names where to get a
+token; tokens are cached per (realm, service, scope, account) until shortly before expiry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from dataclasses import dataclass
+
+import httpx
+
+from mirror.errors import Unauthorized, UpstreamError, UpstreamTimeout
+
+# Refresh this long before a token expires, so it never dies in flight.
+EXPIRY_MARGIN = 10.0
+DEFAULT_EXPIRES_IN = 60.0
+_PARAM = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
+
+
+@dataclass(frozen=True)
+class Challenge:
+    scheme: str
+    realm: str = ""
+    service: str = ""
+    scope: str = ""
+
+    def header(self) -> str:
+        params = [f'realm="{self.realm}"', f'service="{self.service}"']
+        if self.scope:
+            params.append(f'scope="{self.scope}"')
+        return f"{self.scheme} " + ",".join(params)
+
+
+def parse_challenge(header: str) -> Challenge | None:
+    scheme, _, rest = header.strip().partition(" ")
+    if not scheme:
+        return None
+    params = {m.group(1).lower(): m.group(2) if m.group(2) is not None else m.group(3)
+              for m in _PARAM.finditer(rest)}
+    return Challenge(scheme.capitalize(), params.get("realm", ""), params.get("service", ""),
+                     params.get("scope", ""))
+
+
+def repository_scope(repo: str, actions: str = "pull") -> str:
+    return f"repository:{repo}:{actions}"
+
+
+class TokenCache:
+    """Fetches and caches tokens; one fetch at a time per key in this process."""
+
+    def __init__(self, client: httpx.AsyncClient, upstream_name: str) -> None:
+        self._client = client
+        self._name = upstream_name
+        self._tokens: dict[tuple[str, ...], tuple[str, float]] = {}
+        self._pending: dict[tuple[str, ...], asyncio.Future[str]] = {}
+        self.fetched = 0
+
+    async def get(
+        self, challenge: Challenge, scope: str, auth: httpx.BasicAuth | None = None
+    ) -> str:
+        key = self._key(challenge, scope, auth)
+        entry = self._tokens.get(key)
+        if entry and entry[1] > time.monotonic():
+            return entry[0]
+        pending = self._pending.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._pending[key] = future
+        try:
+            token, expires_in = await self._fetch(challenge, scope, auth)
+            self._tokens[key] = (token, time.monotonic() + max(expires_in - EXPIRY_MARGIN, 1.0))
+            future.set_result(token)
+            return token
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # mark retrieved: followers may not exist
+            raise
+        finally:
+            del self._pending[key]
+
+    def _key(self, challenge: Challenge, scope: str, auth: object) -> tuple[str, ...]:
+        account = getattr(auth, "_auth_header", "") if auth else ""
+        return (challenge.realm, challenge.service, scope, str(account))
+
+    async def _fetch(
+        self, challenge: Challenge, scope: str, auth: httpx.BasicAuth | None
+    ) -> tuple[str, float]:
+        params = {"service": challenge.service} if challenge.service else {}
+        if scope:
+            params["scope"] = scope
+        try:
+            response = await self._client.get(challenge.realm, params=params, auth=auth)
+        except httpx.TimeoutException as exc:
+            raise UpstreamTimeout(f"token service of upstream {self._name} timed out") from exc
+        except httpx.HTTPError as exc:
+            raise UpstreamError(
+                f"token service of upstream {self._name} unreachable: {exc}") from exc
+        if response.status_code in (401, 403):
+            raise Unauthorized(f"upstream {self._name} refused the credentials for {scope}")
+        if response.status_code != 200:
+            raise UpstreamError(
+                f"token service of upstream {self._name} answered {response.status_code}")
+        try:
+            body = response.json()
+            token = body.get("token") or body["access_token"]
+            expires_in = float(body.get("expires_in") or DEFAULT_EXPIRES_IN)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise UpstreamError(
+                f"token service of upstream {self._name} sent no token") from exc
+        self.fetched += 1
+        return str(token), expires_in

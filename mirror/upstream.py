@@ -1,0 +1,153 @@
+"""The client side: talking to one upstream registry over HTTP.
+
+Adds anonymous (or configured) bearer tokens on the upstream's challenge, follows redirects
+(a CDN never gets our Authorization header), and turns transport failures and upstream
+error answers into `RegistryError`s that name the upstream.
+"""
+
+from __future__ import annotations
+
+import json
+from urllib.parse import urljoin, urlsplit
+
+import httpx
+
+from mirror import errors
+from mirror.settings import Settings, Upstream
+from mirror.tokens import Challenge, TokenCache, parse_challenge, repository_scope
+
+MAX_REDIRECTS = 5
+
+
+class UpstreamClient:
+    def __init__(self, upstream: Upstream, settings: Settings) -> None:
+        self.upstream = upstream
+        self.name = upstream.name
+        timeout = httpx.Timeout(
+            connect=settings.connect_timeout, read=settings.read_timeout,
+            write=settings.read_timeout, pool=settings.connect_timeout)
+        self.http = httpx.AsyncClient(
+            timeout=timeout, follow_redirects=False, trust_env=False,
+            limits=httpx.Limits(max_connections=200, max_keepalive_connections=50))
+        self.tokens = TokenCache(self.http, upstream.name)
+        self.basic = (httpx.BasicAuth(upstream.username, upstream.password or "")
+                      if upstream.username else None)
+        # Learnt from the first 401: lets later requests carry a token at once.
+        self.challenge: Challenge | None = None
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    async def send(
+        self,
+        method: str,
+        path: str,
+        *,
+        repo: str,
+        headers: dict[str, str] | None = None,
+        params: dict[str, str] | None = None,
+        stream: bool = False,
+    ) -> httpx.Response:
+        """Send a request for `repo`, authenticating as the upstream asks.
+
+        With `stream=True` the caller owns the response and must `aclose()` it.
+        """
+        url = self.upstream.url + path
+        scope = repository_scope(repo)
+        for attempt in range(2):
+            request_headers = dict(headers or {})
+            auth = await self._authorization(scope)
+            if auth:
+                request_headers["Authorization"] = auth
+            response = await self._send_following(method, url, request_headers, params, stream)
+            if response.status_code != 401 or attempt:
+                return response
+            challenge = parse_challenge(response.headers.get("www-authenticate", ""))
+            if challenge is None or challenge.scheme not in ("Bearer", "Basic"):
+                return response
+            if challenge.scheme == "Basic" and self.basic is None:
+                return response
+            await response.aclose()
+            self.challenge = challenge
+        raise AssertionError("unreachable")
+
+    async def _authorization(self, scope: str) -> str | None:
+        challenge = self.challenge
+        if challenge is None:
+            return None
+        if challenge.scheme == "Basic":
+            return self.basic._auth_header if self.basic else None
+        token = await self.tokens.get(challenge, scope, self.basic)
+        return f"Bearer {token}"
+
+    async def _send_following(
+        self,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        params: dict[str, str] | None,
+        stream: bool,
+    ) -> httpx.Response:
+        origin = urlsplit(url).netloc
+        for _ in range(MAX_REDIRECTS + 1):
+            try:
+                request = self.http.build_request(method, url, headers=headers, params=params)
+                response = await self.http.send(request, stream=stream)
+            except httpx.TimeoutException as exc:
+                raise errors.UpstreamTimeout(
+                    f"upstream {self.name} ({self.upstream.url}) timed out") from exc
+            except httpx.HTTPError as exc:
+                raise errors.UpstreamError(
+                    f"upstream {self.name} ({self.upstream.url}) unreachable: "
+                    f"{type(exc).__name__}: {exc}") from exc
+            location = response.headers.get("location")
+            if response.status_code not in (301, 302, 303, 307, 308) or not location:
+                return response
+            await response.aclose()
+            url = urljoin(str(response.url), location)
+            params = None
+            if urlsplit(url).netloc != origin:
+                # A CDN must never see our upstream credentials.
+                headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+            if response.status_code == 303:
+                method = "GET"
+        raise errors.UpstreamError(f"upstream {self.name} redirected too many times")
+
+
+def upstream_error(
+    response: httpx.Response,
+    upstream: str,
+    not_found: type[errors.RegistryError],
+    what: str,
+    body: bytes | None = None,
+) -> errors.RegistryError:
+    """Turn an upstream's error answer into the error our client should see."""
+    status = response.status_code
+    code, message = _error_code(body)
+    if status == 429:
+        headers = {"Retry-After": response.headers["retry-after"]} \
+            if "retry-after" in response.headers else {}
+        return errors.TooManyRequests(
+            f"upstream {upstream} is rate limiting requests for {what}", headers=headers)
+    if status == 404:
+        cls = errors.BY_CODE.get(code or "", not_found)
+        if cls.status != 404:
+            cls = not_found
+        return cls(message or f"{what} not found on upstream {upstream}")
+    if status == 401:
+        return errors.Unauthorized(f"upstream {upstream} requires authentication for {what}")
+    if status == 403:
+        return errors.Denied(f"upstream {upstream} denied access to {what}")
+    if 400 <= status < 500 and code in errors.BY_CODE:
+        return errors.BY_CODE[code](message or f"upstream {upstream} refused {what}")
+    return errors.UpstreamError(f"upstream {upstream} answered {status} for {what}")
+
+
+def _error_code(body: bytes | None) -> tuple[str | None, str | None]:
+    if not body:
+        return None, None
+    try:
+        first = json.loads(body)["errors"][0]
+        return str(first.get("code")), str(first.get("message") or "") or None
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        return None, None

@@ -1,0 +1,100 @@
+"""Accept-header normalisation for the tag cache key, and a manifest's media type."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mirror.manifests import (
+    DOCKER_LIST,
+    DOCKER_MANIFEST,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    accept_key,
+    media_type_of,
+)
+
+# -- accept_key -----------------------------------------------------------------------------
+
+
+def test_accept_key_sorts_and_dedups() -> None:
+    assert accept_key([f"{OCI_MANIFEST}, {DOCKER_MANIFEST}"]) == tuple(
+        sorted((OCI_MANIFEST, DOCKER_MANIFEST)))
+    assert accept_key([f"{DOCKER_MANIFEST}, {OCI_MANIFEST}"]) == accept_key(
+        [f"{OCI_MANIFEST}, {DOCKER_MANIFEST}"])
+    assert accept_key([f"{OCI_MANIFEST}, {OCI_MANIFEST}"]) == (OCI_MANIFEST,)
+
+
+def test_accept_key_drops_params_and_q_values() -> None:
+    assert accept_key([f"{OCI_MANIFEST}; q=0.5, {DOCKER_MANIFEST};q=1.0;charset=utf-8"]) == (
+        accept_key([f"{OCI_MANIFEST},{DOCKER_MANIFEST}"]))
+    assert accept_key([f"{OCI_MANIFEST} ;q=0"]) == (OCI_MANIFEST,)
+
+
+def test_accept_key_is_case_insensitive() -> None:
+    assert accept_key([OCI_MANIFEST.upper()]) == (OCI_MANIFEST,)
+    assert accept_key(["Application/Vnd.Oci.Image.Index.V1+JSON"]) == (OCI_INDEX,)
+
+
+def test_accept_key_merges_several_headers() -> None:
+    several = accept_key([OCI_MANIFEST, DOCKER_MANIFEST, f"{OCI_INDEX}, {DOCKER_LIST}"])
+    one = accept_key([f"{DOCKER_LIST},{OCI_INDEX},{DOCKER_MANIFEST},{OCI_MANIFEST}"])
+    assert several == one
+    assert several == tuple(sorted((OCI_MANIFEST, DOCKER_MANIFEST, OCI_INDEX, DOCKER_LIST)))
+    assert accept_key([OCI_MANIFEST, OCI_MANIFEST.upper(), f" {OCI_MANIFEST} "]) == (
+        OCI_MANIFEST,)
+
+
+@pytest.mark.parametrize("headers", [[], [""], [" "], [",", " , ,"], [";q=1"]])
+def test_accept_key_empty(headers: list[str]) -> None:
+    assert accept_key(headers) == ()
+
+
+def test_accept_key_is_hashable_tuple() -> None:
+    key = accept_key(["*/*", "application/json"])
+    assert key == ("*/*", "application/json")
+    assert {key: 1}[accept_key(["application/json, */*"])] == 1
+
+
+# -- media_type_of --------------------------------------------------------------------------
+
+
+def _doc(media_type: str | None = None) -> bytes:
+    body: dict[str, object] = {"schemaVersion": 2}
+    if media_type is not None:
+        body["mediaType"] = media_type
+    return json.dumps(body).encode()
+
+
+def test_manifest_content_type_wins() -> None:
+    assert media_type_of(_doc(OCI_INDEX), DOCKER_MANIFEST) == DOCKER_MANIFEST
+    assert media_type_of(_doc(), f"{OCI_MANIFEST}; charset=utf-8") == OCI_MANIFEST
+    assert media_type_of(_doc(), OCI_INDEX.upper()) == OCI_INDEX
+
+
+def test_other_json_content_type_is_kept() -> None:
+    custom = "application/vnd.example.thing.v1+json"
+    assert media_type_of(_doc(OCI_MANIFEST), custom) == custom
+
+
+@pytest.mark.parametrize(
+    "content_type", [None, "", "application/json", "application/octet-stream", "text/plain"])
+def test_document_media_type_when_content_type_is_not_a_manifest(
+    content_type: str | None,
+) -> None:
+    assert media_type_of(_doc(DOCKER_LIST), content_type) == DOCKER_LIST
+
+
+def test_default_without_any_hint() -> None:
+    assert media_type_of(_doc(), None) == OCI_MANIFEST
+    assert media_type_of(_doc(), "") == OCI_MANIFEST
+    assert media_type_of(b"not json", None) == OCI_MANIFEST
+    assert media_type_of(b"[1, 2]", None) == OCI_MANIFEST
+    assert media_type_of(b"\xff\xfe\x00", None) == OCI_MANIFEST
+    assert media_type_of(json.dumps({"mediaType": 5}).encode(), None) == OCI_MANIFEST
+    assert media_type_of(json.dumps({"mediaType": ""}).encode(), None) == OCI_MANIFEST
+
+
+def test_non_manifest_content_type_is_the_last_resort() -> None:
+    assert media_type_of(_doc(), "application/json") == "application/json"
