@@ -62,4 +62,7 @@ def create_app(settings: Settings) -> Starlette:
 
 def app_from_env() -> Starlette:
     """Entry point for uvicorn workers: settings arrive resolved, as JSON, in the env."""
-    return create_app(Settings.from_json(os.environ[RESOLVED_ENV]))
+    settings = Settings.from_json(os.environ[RESOLVED_ENV])
+    level = "DEBUG" if settings.log_level == "trace" else settings.log_level.upper()
+    logging.basicConfig(level=level, format="%(levelname)-8s %(name)s: %(message)s")
+    return create_app(settings)

@@ -251,6 +251,7 @@ class Fills:
 
     def _start(self, digest: Digest, lock: FillLock, fetch: Fetch) -> Fill:
         fill = Fill(digest)
+        log.debug("fill of %s started in process %d", digest, os.getpid())
         self.active[digest] = fill
         task = asyncio.create_task(self._run(fill, lock, fetch), name=f"fill {digest}")
         self._tasks.add(task)

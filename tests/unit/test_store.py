@@ -1,0 +1,269 @@
+"""The on-disk store's fill locks and partial cleanup, and in-process single flight."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from mirror.fills import SingleFlight, exclusive
+from mirror.reference import Digest
+from mirror.store import FillLock, Store, lock_is_held
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    store = Store(tmp_path / "cache")
+    yield store  # type: ignore[misc]
+    store.close()
+
+
+def _digest(data: bytes) -> Digest:
+    return Digest("sha256", hashlib.sha256(data).hexdigest())
+
+
+# -- FillLock -------------------------------------------------------------------------------
+
+
+def test_fill_lock_is_exclusive(tmp_path: Path) -> None:
+    path = tmp_path / "x.lock"
+    first, second = FillLock(path), FillLock(path)
+    assert first.acquire()
+    try:
+        assert not second.acquire()
+        assert second.fd is None
+        assert not second.acquire()  # still refused, and no fd leaked
+    finally:
+        first.release()
+    assert second.acquire()
+    second.release()
+
+
+def test_release_unlinks_the_lock_file(tmp_path: Path) -> None:
+    path = tmp_path / "x.lock"
+    lock = FillLock(path)
+    assert lock.acquire()
+    assert path.exists()
+    lock.release()
+    assert not path.exists()
+    assert lock.fd is None
+    lock.release()  # idempotent
+
+
+def test_release_without_remove_keeps_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "x.lock"
+    lock = FillLock(path)
+    assert lock.acquire()
+    lock.release(remove=False)
+    assert path.exists()
+    assert not lock_is_held(path)
+    assert FillLock(path).acquire()
+
+
+def test_release_without_acquire_is_a_no_op(tmp_path: Path) -> None:
+    path = tmp_path / "x.lock"
+    path.write_text("")
+    FillLock(path).release()
+    assert path.exists()
+
+
+def test_lock_is_held(tmp_path: Path) -> None:
+    path = tmp_path / "x.lock"
+    assert not lock_is_held(path)
+    assert not path.exists()  # never creates the file
+    lock = FillLock(path)
+    assert lock.acquire()
+    assert lock_is_held(path)
+    assert lock_is_held(path)  # checking does not steal or drop the lock
+    assert not FillLock(path).acquire()
+    lock.release()
+    assert not lock_is_held(path)
+    assert not path.exists()
+
+
+def test_lock_is_held_false_for_a_leftover_unlocked_file(tmp_path: Path) -> None:
+    path = tmp_path / "x.lock"
+    path.write_text("")
+    assert not lock_is_held(path)
+    assert path.exists()
+
+
+def test_lock_follows_an_unlinked_file(tmp_path: Path) -> None:
+    """A lock taken on a file the holder already unlinked does not count: acquire retries."""
+    path = tmp_path / "x.lock"
+    holder = FillLock(path)
+    assert holder.acquire()
+    waiter = FillLock(path)
+    assert not waiter.acquire()
+    holder.release()  # unlinks, then unlocks
+    assert waiter.acquire()
+    assert path.exists()
+    assert lock_is_held(path)
+    waiter.release()
+
+
+def test_exclusive_takes_a_free_lock(store: Store) -> None:
+    async def run() -> None:
+        lock = await exclusive(store, "name", timeout=1)
+        assert lock is not None
+        assert lock_is_held(store.locks / "name.lock")
+        lock.release()
+
+    asyncio.run(run())
+
+
+def test_exclusive_waits_for_the_holder_and_returns_none(store: Store) -> None:
+    holder = FillLock(store.locks / "name.lock")
+    assert holder.acquire()
+
+    async def run() -> FillLock | None:
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.05, holder.release)
+        return await exclusive(store, "name", timeout=5)
+
+    assert asyncio.run(run()) is None
+
+
+# -- Store ----------------------------------------------------------------------------------
+
+
+def test_store_layout_and_write(store: Store) -> None:
+    data = b"hello"
+    digest = _digest(data)
+    assert store.size(digest) is None
+    assert not store.has(digest)
+    assert store.read(digest) is None
+    store.write(digest, data)
+    assert store.path(digest) == store.blobs / "sha256" / digest.hex[:2] / digest.hex
+    assert store.read(digest) == data
+    assert store.size(digest) == 5
+    assert list(store.tmp.iterdir()) == []
+    store.remove(digest)
+    assert not store.has(digest)
+    store.remove(digest)  # already gone: fine
+
+
+def test_commit_keeps_the_inode(store: Store) -> None:
+    digest = _digest(b"abc")
+    part = store.partial_path(digest)
+    part.write_bytes(b"abc")
+    inode = part.stat().st_ino
+    final = store.commit(digest, part)
+    assert final.stat().st_ino == inode
+    assert not part.exists()
+
+
+def test_meta(store: Store) -> None:
+    assert store.get_meta(("mt", "x")) is None
+    store.set_meta(("mt", "x"), {"a": 1})
+    assert store.get_meta(("mt", "x")) == {"a": 1}
+
+
+# -- cleanup_partials -----------------------------------------------------------------------
+
+
+def test_cleanup_removes_orphan_partials(store: Store) -> None:
+    orphan = _digest(b"orphan")
+    store.partial_path(orphan).write_bytes(b"orp")
+    store.size_path(orphan).write_text("6")
+    assert store.cleanup_partials() == 2
+    assert list(store.tmp.iterdir()) == []
+    assert list(store.locks.iterdir()) == []  # the locks it took are gone too
+
+
+def test_cleanup_keeps_partials_whose_lock_is_held(store: Store) -> None:
+    live, orphan = _digest(b"live"), _digest(b"orphan")
+    for digest in (live, orphan):
+        store.partial_path(digest).write_bytes(b"...")
+    lock = FillLock(store.lock_path(live))
+    assert lock.acquire()
+    try:
+        assert store.cleanup_partials() == 1
+        assert store.partial_path(live).exists()
+        assert not store.partial_path(orphan).exists()
+        assert lock_is_held(store.lock_path(live))
+    finally:
+        lock.release()
+    assert store.cleanup_partials() == 1
+    assert not store.partial_path(live).exists()
+
+
+def test_cleanup_with_nothing_to_do(store: Store) -> None:
+    assert store.cleanup_partials() == 0
+
+
+def test_cleanup_leaves_committed_content(store: Store) -> None:
+    digest = _digest(b"kept")
+    store.write(digest, b"kept")
+    store.partial_path(digest).write_bytes(b"ke")
+    assert store.cleanup_partials() == 1
+    assert store.read(digest) == b"kept"
+
+
+# -- SingleFlight ---------------------------------------------------------------------------
+
+
+def test_single_flight_runs_once_for_concurrent_callers() -> None:
+    flight = SingleFlight()
+    runs = 0
+
+    async def work() -> str:
+        nonlocal runs
+        runs += 1
+        await asyncio.sleep(0.01)
+        return "value"
+
+    async def run() -> list[str]:
+        return await asyncio.gather(*(flight.do("key", work) for _ in range(10)))
+
+    assert asyncio.run(run()) == ["value"] * 10
+    assert runs == 1
+    assert flight._pending == {}
+
+
+def test_single_flight_propagates_an_exception_to_all() -> None:
+    flight = SingleFlight()
+    runs = 0
+
+    class Boom(Exception):
+        pass
+
+    async def work() -> str:
+        nonlocal runs
+        runs += 1
+        await asyncio.sleep(0.01)
+        raise Boom("boom")
+
+    async def run() -> list[object]:
+        return await asyncio.gather(*(flight.do("key", work) for _ in range(10)),
+                                    return_exceptions=True)
+
+    results = asyncio.run(run())
+    assert runs == 1
+    assert len(results) == 10
+    assert all(isinstance(r, Boom) for r in results)
+    assert flight._pending == {}
+
+
+def test_single_flight_keys_are_separate_and_not_cached() -> None:
+    flight = SingleFlight()
+    calls: list[str] = []
+
+    def work_for(key: str):  # type: ignore[no-untyped-def]
+        async def work() -> str:
+            calls.append(key)
+            await asyncio.sleep(0.01)
+            return key.upper()
+        return work
+
+    async def run() -> list[str]:
+        together = await asyncio.gather(
+            flight.do("a", work_for("a")), flight.do("b", work_for("b")),
+            flight.do("a", work_for("a")))
+        later = await flight.do("a", work_for("a"))  # finished flights are not a cache
+        return [*together, later]
+
+    assert asyncio.run(run()) == ["A", "B", "A", "A"]
+    assert sorted(calls) == ["a", "a", "b"]
