@@ -26,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "trusted before asking upstream again (default 60)")
     serve.add_argument("--workers", metavar="N", help="worker processes (default 1)")
     serve.add_argument("--log-level", metavar="LEVEL", help="critical..debug (default info)")
+    serve.add_argument("--offline", action="store_true", default=None,
+                       help="serve only from the cache; never contact an upstream")
     return parser
 
 

@@ -18,8 +18,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httpx
 
@@ -32,37 +31,10 @@ log = logging.getLogger("mirror.fills")
 POLL = 0.005  # how often followers in other processes look at a fill's progress
 FLUSH_INTERVAL = 0.05  # hand slow downloads to readers at least this often
 Fetch = Callable[[], Awaitable[httpx.Response]]
-T = TypeVar("T")
 
 
 class DigestMismatch(UpstreamError):
     """The upstream sent bytes that do not match the digest or the announced length."""
-
-
-class SingleFlight:
-    """In-process: concurrent calls with one key share one run of the work."""
-
-    def __init__(self) -> None:
-        self._pending: dict[Hashable, asyncio.Future[Any]] = {}
-
-    async def do(self, key: Hashable, work: Callable[[], Awaitable[T]]) -> T:
-        pending = self._pending.get(key)
-        if pending is not None:
-            result: T = await asyncio.shield(pending)
-            return result
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._pending[key] = future
-        try:
-            value = await work()
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved: there may be no one else waiting
-            raise
-        else:
-            future.set_result(value)
-            return value
-        finally:
-            del self._pending[key]
 
 
 async def exclusive(store: Store, name: str, timeout: float) -> FillLock | None:

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 import cachetools
 
 from mirror import errors
-from mirror.fills import SingleFlight, exclusive
+from mirror.fills import exclusive
+from mirror.flight import SingleFlight
+from mirror.index import AcceptKey
 from mirror.reference import Digest, parse_digest
 from mirror.store import Store
 from mirror.upstream import UpstreamClient, upstream_error
@@ -34,8 +36,6 @@ ACCEPT_ALL = ", ".join((*MANIFEST_TYPES, "*/*"))
 MAX_MANIFEST = 4 * 1024 * 1024
 HOT_BYTES = 64 * 1024 * 1024
 
-AcceptKey = tuple[str, ...]
-
 
 def accept_key(headers: list[str]) -> AcceptKey:
     """The set of media types a client accepts, normalised (order, params, case dropped)."""
@@ -49,6 +49,7 @@ class ManifestInfo:
     digest: Digest
     media_type: str
     size: int
+    stale: bool = False  # from the cache because the upstream could not answer
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,8 +91,18 @@ class ManifestService:
         info = cache.get(key)
         if info is not None:
             return info
-        info = await self._flight.do(
-            ("tag", client.name, *key), lambda: self._resolve_shared(client, repo, tag, accept))
+        try:
+            info = await self._flight.do(
+                ("tag", client.name, *key),
+                lambda: self._resolve_shared(client, repo, tag, accept))
+        except (errors.UpstreamError, errors.Unavailable, errors.TooManyRequests):
+            record = (self.store.index.tag(client.name, repo, tag, accept)
+                      or self.store.index.tag(client.name, repo, tag, None))
+            if record is None:
+                raise
+            # The upstream is down or refusing us: the last answer we had beats none.
+            return ManifestInfo(parse_digest(record.digest), record.media_type, record.size,
+                                stale=True)
         cache[key] = info
         return info
 
@@ -107,21 +118,20 @@ class ManifestService:
         self, client: UpstreamClient, repo: str, tag: str, accept: AcceptKey
     ) -> ManifestInfo:
         """One upstream HEAD per tag across all workers: lock, then share via the index."""
-        record_key = ("tag", client.name, repo, tag, accept)
-        name = "tag-" + hashlib.sha256(repr(record_key).encode()).hexdigest()
+        index = self.store.index
+        name = "tag-" + hashlib.sha256(repr((client.name, repo, tag, accept)).encode()).hexdigest()
         ttl = self.tag_ttl(client)
         for _ in range(3):
-            record = self.store.get_meta(record_key)
-            if record and time.time() - record["at"] < ttl:
-                return ManifestInfo(parse_digest(record["digest"]), record["type"], record["size"])
+            record = index.tag(client.name, repo, tag, accept)
+            if record and time.time() - record.at < ttl:
+                return ManifestInfo(parse_digest(record.digest), record.media_type, record.size)
             lock = await exclusive(self.store, name, timeout=120)
             if lock is None:
                 continue  # another worker just resolved it: read its record
             try:
                 info = await self._resolve_upstream(client, repo, tag, accept)
-                self.store.set_meta(record_key, {
-                    "digest": str(info.digest), "type": info.media_type, "size": info.size,
-                    "at": time.time()})
+                index.set_tag(client.name, repo, tag, accept, str(info.digest), info.media_type,
+                              info.size)
                 return info
             finally:
                 lock.release()
@@ -162,7 +172,7 @@ class ManifestService:
         data = self.store.read(digest)
         if data is None:
             return None
-        media_type = self.store.get_meta(("mt", str(digest))) or media_type_of(data, None)
+        media_type = self.store.index.media_type(str(digest)) or media_type_of(data, None)
         manifest = Manifest(ManifestInfo(digest, media_type, len(data)), data)
         self._hot[digest] = manifest
         return manifest
@@ -228,7 +238,7 @@ class ManifestService:
         media_type = media_type_of(data, response.headers.get("content-type"))
         manifest = Manifest(ManifestInfo(digest, media_type, len(data)), data)
         if self.store.size(digest) is None:
-            self.store.set_meta(("mt", str(digest)), media_type)
+            self.store.index.set_media_type(str(digest), media_type)
             self.store.write(digest, data)
         self._hot[digest] = manifest
         return manifest

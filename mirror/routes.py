@@ -116,9 +116,9 @@ class Handlers:
         accept = accept_key(request.headers.getlist("accept"))
         info = await self.manifests.resolve(client, repo, reference, accept)
         if head:
-            return manifest_response(info, None)
+            return manifest_response(info, None, info.stale)
         manifest = await self.manifests.get(client, repo, info.digest)
-        return manifest_response(manifest.info, manifest.data)
+        return manifest_response(manifest.info, manifest.data, info.stale)
 
     async def blob(self, request: Request) -> Response:
         client, repo = self.target(request)
@@ -176,9 +176,11 @@ class Handlers:
             "content-type", "application/vnd.oci.image.index.v1+json"))
 
 
-def manifest_response(info: ManifestInfo, data: bytes | None) -> Response:
+def manifest_response(info: ManifestInfo, data: bytes | None, stale: bool = False) -> Response:
     """The same headers for GET and HEAD; `data` None means HEAD (no body)."""
     headers = {**API_VERSION, "Docker-Content-Digest": str(info.digest),
                "Content-Type": info.media_type, "Content-Length": str(info.size),
                "ETag": f'"{info.digest}"'}
+    if stale:
+        headers["Warning"] = '110 mirror "Response is Stale"'
     return Response(data or b"", headers=headers)

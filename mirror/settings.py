@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import tomllib
@@ -53,6 +54,7 @@ class Settings:
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
     log_level: str = "info"
+    offline: bool = False
 
     @property
     def default_upstream(self) -> Upstream:
@@ -132,8 +134,8 @@ def _positive(name: str, value: Any) -> float:
         number = float(value)
     except (TypeError, ValueError):
         raise SettingsError(f"{name}: expected a number, got {value!r}") from None
-    if number < 0:
-        raise SettingsError(f"{name}: must not be negative, got {value!r}")
+    if not math.isfinite(number) or number < 0:
+        raise SettingsError(f"{name}: must be a finite number not below 0, got {value!r}")
     return number
 
 
@@ -149,7 +151,7 @@ def _workers(name: str, value: Any) -> int:
 
 def _upstreams(name: str, value: Any) -> tuple[Upstream, ...]:
     if isinstance(value, str):
-        value = [v for v in value.split(",") if v.strip()]
+        value = [v.strip() for v in value.split(",") if v.strip()]
     if not isinstance(value, list | tuple) or not value:
         raise SettingsError(f"{name}: expected a non-empty list of upstreams")
     upstreams = tuple(v if isinstance(v, Upstream) else parse_upstream(v) for v in value)
@@ -171,6 +173,17 @@ def _level(name: str, value: Any) -> str:
     return str(value).lower()
 
 
+def _bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise SettingsError(f"{name}: expected true or false, got {value!r}")
+
+
 _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "listen": _listen,
     "upstreams": _upstreams,
@@ -180,6 +193,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "connect_timeout": _positive,
     "read_timeout": _positive,
     "log_level": _level,
+    "offline": _bool,
 }
 
 

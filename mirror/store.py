@@ -7,7 +7,7 @@ digest, so no client input ever becomes a path):
     tmp/<alg>-<hex>.part          a fill in progress (only its lock holder writes it)
     tmp/<alg>-<hex>.size          the expected length of that fill, once upstream told us
     locks/<alg>-<hex>.lock        flock(2) held by the one process filling that digest
-    index/                        diskcache: manifest media types, tag records
+    index/                        metadata (`mirror.index`): media types, tags, links, pins
 
 A `.part` becomes the committed file by rename(2): the same inode, so readers that opened
 the partial keep reading the very bytes that were verified.
@@ -19,15 +19,15 @@ import contextlib
 import errno
 import fcntl
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import diskcache
-
+from mirror.index import Index
 from mirror.reference import Digest
 
 CHUNK = 1 << 20
+STALE_TMP = 3600.0  # seconds after which a private temporary file is surely abandoned
 
 
 class Store:
@@ -38,8 +38,7 @@ class Store:
         self.locks = root / "locks"
         for path in (self.blobs, self.tmp, self.locks):
             path.mkdir(parents=True, exist_ok=True)
-        # No eviction here: the index is small metadata; recency lives elsewhere.
-        self.index = diskcache.Cache(str(root / "index"), eviction_policy="none", size_limit=2**40)
+        self.index = Index(root / "index")
 
     def close(self) -> None:
         self.index.close()
@@ -92,20 +91,20 @@ class Store:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path(digest))
 
-    # -- metadata ------------------------------------------------------------------------
-
-    def get_meta(self, key: tuple[Any, ...]) -> Any:
-        return self.index.get(key)
-
-    def set_meta(self, key: tuple[Any, ...], value: Any) -> None:
-        self.index.set(key, value)
-
     # -- start-up ------------------------------------------------------------------------
 
     def cleanup_partials(self) -> int:
-        """Remove partials whose filler is gone (crashed or killed); returns how many."""
+        """Remove partials whose filler is gone (crashed or killed); returns how many.
+
+        Other temporary files are private to one writer and short-lived: only old ones go.
+        """
         removed = 0
         for part in self.tmp.iterdir():
+            if not part.name.endswith((".part", ".size")):
+                with contextlib.suppress(FileNotFoundError):
+                    if time.time() - part.stat().st_mtime > STALE_TMP:
+                        part.unlink()
+                continue
             name = part.name.split(".")[0]
             lock = FillLock(self.locks / f"{name}.lock")
             if lock.acquire():

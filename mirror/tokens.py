@@ -6,7 +6,6 @@ token; tokens are cached per (realm, service, scope, account) until shortly befo
 
 from __future__ import annotations
 
-import asyncio
 import re
 import time
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ from dataclasses import dataclass
 import httpx
 
 from mirror.errors import Unauthorized, UpstreamError, UpstreamTimeout
+from mirror.flight import SingleFlight
 
 # Refresh this long before a token expires, so it never dies in flight.
 EXPIRY_MARGIN = 10.0
@@ -56,7 +56,7 @@ class TokenCache:
         self._client = client
         self._name = upstream_name
         self._tokens: dict[tuple[str, ...], tuple[str, float]] = {}
-        self._pending: dict[tuple[str, ...], asyncio.Future[str]] = {}
+        self._flight = SingleFlight()
         self.fetched = 0
 
     async def get(
@@ -66,22 +66,17 @@ class TokenCache:
         entry = self._tokens.get(key)
         if entry and entry[1] > time.monotonic():
             return entry[0]
-        pending = self._pending.get(key)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._pending[key] = future
-        try:
+
+        async def fetch() -> str:
             token, expires_in = await self._fetch(challenge, scope, auth)
             self._tokens[key] = (token, time.monotonic() + max(expires_in - EXPIRY_MARGIN, 1.0))
-            future.set_result(token)
             return token
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # mark retrieved: followers may not exist
-            raise
-        finally:
-            del self._pending[key]
+
+        return await self._flight.do(key, fetch)
+
+    def forget(self, challenge: Challenge, scope: str, auth: httpx.BasicAuth | None) -> None:
+        """Drop a token the upstream refused (rotated keys, revoked), so the next get fetches."""
+        self._tokens.pop(self._key(challenge, scope, auth), None)
 
     def _key(self, challenge: Challenge, scope: str, auth: object) -> tuple[str, ...]:
         account = getattr(auth, "_auth_header", "") if auth else ""

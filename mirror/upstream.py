@@ -23,6 +23,7 @@ class UpstreamClient:
     def __init__(self, upstream: Upstream, settings: Settings) -> None:
         self.upstream = upstream
         self.name = upstream.name
+        self.offline = settings.offline
         timeout = httpx.Timeout(
             connect=settings.connect_timeout, read=settings.read_timeout,
             write=settings.read_timeout, pool=settings.connect_timeout)
@@ -52,6 +53,8 @@ class UpstreamClient:
 
         With `stream=True` the caller owns the response and must `aclose()` it.
         """
+        if self.offline:
+            raise errors.Unavailable(f"offline mode: upstream {self.name} is not contacted")
         url = self.upstream.url + path
         scope = repository_scope(repo)
         for attempt in range(2):
@@ -68,7 +71,9 @@ class UpstreamClient:
             if challenge.scheme == "Basic" and self.basic is None:
                 return response
             await response.aclose()
-            self.challenge = challenge
+            if auth and self.challenge and self.challenge.scheme == "Bearer":
+                self.tokens.forget(self.challenge, scope, self.basic)  # refused: fetch anew
+            self.challenge = Challenge(challenge.scheme, challenge.realm, challenge.service)
         raise AssertionError("unreachable")
 
     async def _authorization(self, scope: str) -> str | None:
@@ -88,7 +93,7 @@ class UpstreamClient:
         params: dict[str, str] | None,
         stream: bool,
     ) -> httpx.Response:
-        origin = urlsplit(url).netloc
+        origin = urlsplit(url)[:2]  # scheme and host: a change of either drops credentials
         for _ in range(MAX_REDIRECTS + 1):
             try:
                 request = self.http.build_request(method, url, headers=headers, params=params)
@@ -106,7 +111,7 @@ class UpstreamClient:
             await response.aclose()
             url = urljoin(str(response.url), location)
             params = None
-            if urlsplit(url).netloc != origin:
+            if urlsplit(url)[:2] != origin:
                 # A CDN must never see our upstream credentials.
                 headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
             if response.status_code == 303:

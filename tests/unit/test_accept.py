@@ -11,6 +11,7 @@ from mirror.manifests import (
     DOCKER_MANIFEST,
     OCI_INDEX,
     OCI_MANIFEST,
+    SCHEMA1_SIGNED,
     accept_key,
     media_type_of,
 )
@@ -54,7 +55,8 @@ def test_accept_key_empty(headers: list[str]) -> None:
 def test_accept_key_is_hashable_tuple() -> None:
     key = accept_key(["*/*", "application/json"])
     assert key == ("*/*", "application/json")
-    assert {key: 1}[accept_key(["application/json, */*"])] == 1
+    cache: dict[tuple[str, ...], int] = {key: 1}
+    assert cache[accept_key(["application/json, */*"])] == 1
 
 
 # -- media_type_of --------------------------------------------------------------------------
@@ -71,6 +73,10 @@ def test_manifest_content_type_wins() -> None:
     assert media_type_of(_doc(OCI_INDEX), DOCKER_MANIFEST) == DOCKER_MANIFEST
     assert media_type_of(_doc(), f"{OCI_MANIFEST}; charset=utf-8") == OCI_MANIFEST
     assert media_type_of(_doc(), OCI_INDEX.upper()) == OCI_INDEX
+
+
+def test_schema1_signed_content_type_is_a_manifest_type() -> None:
+    assert media_type_of(_doc(), f"{SCHEMA1_SIGNED}") == SCHEMA1_SIGNED
 
 
 def test_other_json_content_type_is_kept() -> None:

@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from mirror.fills import SingleFlight, exclusive
+from mirror.fills import exclusive
+from mirror.flight import SingleFlight
 from mirror.reference import Digest
 from mirror.store import FillLock, Store, lock_is_held
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Store:
+def store(tmp_path: Path) -> Iterator[Store]:
     store = Store(tmp_path / "cache")
-    yield store  # type: ignore[misc]
+    yield store
     store.close()
 
 
@@ -90,18 +93,28 @@ def test_lock_is_held_false_for_a_leftover_unlocked_file(tmp_path: Path) -> None
     assert path.exists()
 
 
-def test_lock_follows_an_unlinked_file(tmp_path: Path) -> None:
-    """A lock taken on a file the holder already unlinked does not count: acquire retries."""
+def test_lock_on_an_unlinked_file_does_not_count(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If the holder unlinks the file between our open and our flock, acquire starts over."""
     path = tmp_path / "x.lock"
-    holder = FillLock(path)
-    assert holder.acquire()
-    waiter = FillLock(path)
-    assert not waiter.acquire()
-    holder.release()  # unlinks, then unlocks
-    assert waiter.acquire()
+    real_flock = fcntl.flock
+    calls: list[int] = []
+
+    def racing_flock(fd: int, operation: int) -> None:
+        calls.append(fd)
+        if len(calls) == 1:
+            path.unlink()  # the previous holder finishes right now
+        real_flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", racing_flock)
+    lock = FillLock(path)
+    assert lock.acquire()
+    monkeypatch.undo()
+    assert len(calls) == 2
     assert path.exists()
     assert lock_is_held(path)
-    waiter.release()
+    lock.release()
 
 
 def test_exclusive_takes_a_free_lock(store: Store) -> None:
@@ -153,12 +166,6 @@ def test_commit_keeps_the_inode(store: Store) -> None:
     final = store.commit(digest, part)
     assert final.stat().st_ino == inode
     assert not part.exists()
-
-
-def test_meta(store: Store) -> None:
-    assert store.get_meta(("mt", "x")) is None
-    store.set_meta(("mt", "x"), {"a": 1})
-    assert store.get_meta(("mt", "x")) == {"a": 1}
 
 
 # -- cleanup_partials -----------------------------------------------------------------------
@@ -251,7 +258,7 @@ def test_single_flight_keys_are_separate_and_not_cached() -> None:
     flight = SingleFlight()
     calls: list[str] = []
 
-    def work_for(key: str):  # type: ignore[no-untyped-def]
+    def work_for(key: str) -> Callable[[], Awaitable[str]]:
         async def work() -> str:
             calls.append(key)
             await asyncio.sleep(0.01)

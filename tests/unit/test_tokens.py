@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import types
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 
 import httpx
 import pytest
@@ -16,7 +16,7 @@ from mirror.tokens import Challenge, TokenCache, parse_challenge, repository_sco
 
 REALM = "https://auth.example/token"
 CHALLENGE = Challenge("Bearer", REALM, "registry.example")
-Handler = Callable[[httpx.Request], Awaitable[httpx.Response]]
+Handler = Callable[[httpx.Request], Coroutine[None, None, httpx.Response]]
 
 # -- parse_challenge ------------------------------------------------------------------------
 
@@ -147,7 +147,7 @@ def test_concurrent_failure_reaches_every_caller() -> None:
     results = asyncio.run(run())
     assert len(service.requests) == 1
     assert all(isinstance(r, UpstreamError) for r in results)
-    assert not cache._pending
+    assert not cache._flight._pending
 
 
 def test_cached_until_shortly_before_expiry(clock: Clock) -> None:

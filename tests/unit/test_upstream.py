@@ -386,3 +386,50 @@ def test_500_with_a_registry_code_is_still_an_upstream_error() -> None:
     error = upstream_error(httpx.Response(500), "reg", errors.BlobUnknown, "blob x",
                            _body("BLOB_UNKNOWN"))
     assert type(error) is errors.UpstreamError
+
+
+# -- findings -------------------------------------------------------------------------------
+
+
+def test_rejected_cached_token_is_replaced_on_the_retry() -> None:
+    # BUG (mirror/upstream.py, UpstreamClient.send): after a 401 answered to a request that
+    # already carried a cached token, the retry asks TokenCache.get again, which returns the
+    # very same (rejected) token, so the client gets the 401 until the token's expiry.
+    issued: list[str] = []
+    rejected: set[str] = set()
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "auth.example":
+            issued.append(f"T{len(issued) + 1}")
+            return httpx.Response(200, json={"token": issued[-1], "expires_in": 300})
+        auth = request.headers.get("authorization", "")
+        if not auth.startswith("Bearer ") or auth.removeprefix("Bearer ") in rejected:
+            return httpx.Response(401, headers={"WWW-Authenticate": f'Bearer realm="{REALM}"'})
+        return httpx.Response(200)
+
+    client = make_client(handler)
+
+    async def run() -> int:
+        first = await client.send("GET", "/v2/a/b/manifests/x", repo="a/b")
+        assert first.status_code == 200
+        rejected.add("T1")  # e.g. the upstream rotated its signing key
+        second = await client.send("GET", "/v2/a/b/manifests/x", repo="a/b")
+        return second.status_code
+
+    status = asyncio.run(run())
+    assert issued[-1] != "T1", "the retry after a 401 reused the rejected cached token"
+    assert status == 200
+
+
+def test_https_to_http_redirect_drops_authorization() -> None:
+    # BUG (mirror/upstream.py, _send_following): only the netloc is compared, so a redirect
+    # from https://registry.example to http://registry.example keeps the Authorization header
+    # (a bearer token, or Basic credentials) and sends it in clear text.
+    registry = FakeRegistry()
+    registry.routes["/v2/lib/x/blobs/sha256:00"] = (
+        307, {"Location": "http://registry.example/v2/lib/x/blobs/plain"})
+    client = make_client(registry)
+    asyncio.run(client.send("GET", "/v2/lib/x/blobs/sha256:00", repo="lib/x"))
+    last = registry.requests[-1]
+    assert last.url.scheme == "http"
+    assert "authorization" not in last.headers, "credentials sent over plain http"

@@ -1,0 +1,106 @@
+"""The metadata index beside the content files (diskcache: SQLite, safe across processes).
+
+What it records, all small:
+    ("mt", digest)                          media type of a stored manifest
+    ("tag", upstream, repo, tag, accept)    a tag's resolution for one Accept set
+    ("tag", upstream, repo, tag, None)      the latest resolution whatever the Accept set
+                                            (what offline and stale serving fall back to)
+    ("link", upstream, repo, digest)        `repo` on `upstream` is known to hold `digest`
+    ("pin", digest)                         never evicted
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import diskcache
+
+AcceptKey = tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TagRecord:
+    upstream: str
+    repo: str
+    tag: str
+    digest: str
+    media_type: str
+    size: int
+    at: float  # time.time() of the resolution
+
+
+class Index:
+    def __init__(self, directory: Path) -> None:
+        # No eviction here: entries are tiny; the content files are what a budget is about.
+        self.db = diskcache.Cache(str(directory), eviction_policy="none", size_limit=2**40)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- manifests -----------------------------------------------------------------------
+
+    def media_type(self, digest: str) -> str | None:
+        value = self.db.get(("mt", digest))
+        return value if isinstance(value, str) else None
+
+    def set_media_type(self, digest: str, media_type: str) -> None:
+        self.db.set(("mt", digest), media_type)
+
+    # -- tags ----------------------------------------------------------------------------
+
+    def tag(
+        self, upstream: str, repo: str, tag: str, accept: AcceptKey | None
+    ) -> TagRecord | None:
+        """The record for exactly this Accept set (None: the latest of any)."""
+        value = self.db.get(("tag", upstream, repo, tag, accept))
+        return TagRecord(upstream, repo, tag, **value) if isinstance(value, dict) else None
+
+    def set_tag(
+        self, upstream: str, repo: str, tag: str, accept: AcceptKey | None,
+        digest: str, media_type: str, size: int,
+    ) -> None:
+        value = {"digest": digest, "media_type": media_type, "size": size, "at": time.time()}
+        with self.db.transact():
+            if accept is not None:
+                self.db.set(("tag", upstream, repo, tag, accept), value)
+            self.db.set(("tag", upstream, repo, tag, None), value)
+
+    def tags(self) -> Iterator[TagRecord]:
+        """Every tag's latest record (one per upstream, repo and tag)."""
+        for key in self.db.iterkeys():
+            if isinstance(key, tuple) and key[0] == "tag" and key[4] is None:
+                record = self.tag(key[1], key[2], key[3], None)
+                if record is not None:
+                    yield record
+
+    def drop_tag(self, upstream: str, repo: str, tag: str) -> None:
+        for key in list(self.db.iterkeys()):
+            if isinstance(key, tuple) and key[:4] == ("tag", upstream, repo, tag):
+                self.db.delete(key)
+
+    # -- which repository holds what ---------------------------------------------------
+
+    def link(self, upstream: str, repo: str, digests: list[str]) -> None:
+        with self.db.transact():
+            for digest in digests:
+                self.db.set(("link", upstream, repo, digest), True)
+
+    def linked(self, upstream: str, repo: str, digest: str) -> bool:
+        return bool(self.db.get(("link", upstream, repo, digest)))
+
+    # -- pins ----------------------------------------------------------------------------
+
+    def pin(self, digests: list[str]) -> None:
+        with self.db.transact():
+            for digest in digests:
+                self.db.set(("pin", digest), True)
+
+    def pinned(self, digest: str) -> bool:
+        return bool(self.db.get(("pin", digest)))
+
+    def get(self, key: tuple[Any, ...]) -> Any:
+        return self.db.get(key)
