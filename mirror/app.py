@@ -11,10 +11,11 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 
 from mirror import errors
+from mirror.access import Access
 from mirror.blobs import BlobService
 from mirror.fills import Fills
 from mirror.manifests import ManifestService
-from mirror.routes import Handlers, on_crash, on_http_error, on_registry_error
+from mirror.routes import Handlers, on_crash, on_http_error
 from mirror.settings import RESOLVED_ENV, Settings
 from mirror.store import Store
 from mirror.upstream import UpstreamClient
@@ -34,7 +35,8 @@ def create_app(settings: Settings) -> Starlette:
         return settings.tag_ttl if ttl is None else ttl
 
     fills = Fills(store, wait_timeout=settings.connect_timeout + settings.read_timeout)
-    handlers = Handlers(clients, ManifestService(store, tag_ttl), BlobService(store, fills))
+    handlers = Handlers(clients, ManifestService(store, tag_ttl), BlobService(store, fills),
+                        Access(store.index), settings.public_url)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -47,7 +49,7 @@ def create_app(settings: Settings) -> Starlette:
     app = Starlette(
         routes=handlers.routes(),
         exception_handlers={
-            errors.RegistryError: on_registry_error,
+            errors.RegistryError: handlers.on_registry_error,
             HTTPException: on_http_error,
             Exception: on_crash,
         },

@@ -8,6 +8,7 @@ from mirror import errors
 from mirror.fills import Fills, Reader
 from mirror.reference import Digest
 from mirror.store import Store
+from mirror.tokens import Credential
 from mirror.upstream import UpstreamClient, upstream_error
 
 
@@ -16,7 +17,10 @@ class BlobService:
         self.store = store
         self.fills = fills
 
-    async def size(self, client: UpstreamClient, repo: str, digest: Digest) -> int:
+    async def size(
+        self, client: UpstreamClient, repo: str, digest: Digest,
+        credential: Credential | None = None,
+    ) -> int:
         """The blob's length, for HEAD: from the cache, a running fill, or an upstream HEAD."""
         size = self.store.size(digest)
         if size is not None:
@@ -24,7 +28,8 @@ class BlobService:
         fill = self.fills.active.get(digest)
         if fill is not None and fill.size is not None:
             return fill.size
-        response = await client.send("HEAD", f"/v2/{repo}/blobs/{digest}", repo=repo)
+        response = await client.send("HEAD", f"/v2/{repo}/blobs/{digest}", repo=repo,
+                                     credential=credential)
         length = response.headers.get("content-length", "")
         if response.status_code != 200:
             raise upstream_error(response, client.name, errors.BlobUnknown, f"blob {digest}")
@@ -32,13 +37,16 @@ class BlobService:
             raise errors.UpstreamError(f"upstream {client.name} sent no length for {digest}")
         return int(length)
 
-    async def open(self, client: UpstreamClient, repo: str, digest: Digest) -> Reader:
+    async def open(
+        self, client: UpstreamClient, repo: str, digest: Digest,
+        credential: Credential | None = None,
+    ) -> Reader:
         """A reader over the blob; the caller streams `reader.chunks(...)` (which closes it)."""
 
         async def fetch() -> httpx.Response:
             response = await client.send(
                 "GET", f"/v2/{repo}/blobs/{digest}", repo=repo,
-                headers={"Accept-Encoding": "identity"}, stream=True)
+                headers={"Accept-Encoding": "identity"}, stream=True, credential=credential)
             if response.status_code != 200:
                 body = await response.aread()
                 await response.aclose()

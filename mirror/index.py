@@ -7,6 +7,8 @@ What it records, all small:
                                             (what offline and stale serving fall back to)
     ("link", upstream, repo, digest)        `repo` on `upstream` is known to hold `digest`
     ("pin", digest)                         never evicted
+    ("public", upstream, repo)              True/False: what an anonymous probe last found
+    ("ref", upstream, repo, digest)         an image asked for by digest (seeded, imported)
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class TagRecord:
     media_type: str
     size: int
     at: float  # time.time() of the resolution
+    anonymous: bool = False  # resolved without credentials: anyone may read it
 
 
 class Index:
@@ -61,9 +64,10 @@ class Index:
 
     def set_tag(
         self, upstream: str, repo: str, tag: str, accept: AcceptKey | None,
-        digest: str, media_type: str, size: int,
+        digest: str, media_type: str, size: int, anonymous: bool = False,
     ) -> None:
-        value = {"digest": digest, "media_type": media_type, "size": size, "at": time.time()}
+        value = {"digest": digest, "media_type": media_type, "size": size, "at": time.time(),
+                 "anonymous": anonymous}
         with self.db.transact():
             if accept is not None:
                 self.db.set(("tag", upstream, repo, tag, accept), value)
@@ -92,6 +96,22 @@ class Index:
     def linked(self, upstream: str, repo: str, digest: str) -> bool:
         return bool(self.db.get(("link", upstream, repo, digest)))
 
+    # -- who may read a repository ------------------------------------------------------
+
+    def set_public(self, upstream: str, repo: str, public: bool) -> None:
+        self.db.set(("public", upstream, repo), (public, time.time()))
+
+    def public(self, upstream: str, repo: str, max_age: float | None = None) -> bool:
+        """Whether an anonymous probe found `repo` readable (within `max_age` seconds)."""
+        value = self.db.get(("public", upstream, repo))
+        if not isinstance(value, tuple) or value[0] is not True:
+            return False
+        return max_age is None or time.time() - value[1] < max_age
+
+    def private(self, upstream: str, repo: str) -> bool:
+        value = self.db.get(("public", upstream, repo))
+        return isinstance(value, tuple) and value[0] is False
+
     # -- pins ----------------------------------------------------------------------------
 
     def pin(self, digests: list[str]) -> None:
@@ -101,6 +121,19 @@ class Index:
 
     def pinned(self, digest: str) -> bool:
         return bool(self.db.get(("pin", digest)))
+
+    # -- images named by digest (what a tag is to images named by tag) -------------------
+
+    def add_ref(self, upstream: str, repo: str, digest: str, media_type: str, size: int) -> None:
+        self.db.set(("ref", upstream, repo, digest), {"media_type": media_type, "size": size})
+
+    def refs(self) -> Iterator[tuple[str, str, str, str, int]]:
+        """(upstream, repo, digest, media type, size) of every image named by digest."""
+        for key in self.db.iterkeys():
+            if isinstance(key, tuple) and key[0] == "ref":
+                value = self.db.get(key)
+                if isinstance(value, dict):
+                    yield key[1], key[2], key[3], value["media_type"], value["size"]
 
     def get(self, key: tuple[Any, ...]) -> Any:
         return self.db.get(key)

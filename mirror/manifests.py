@@ -8,6 +8,7 @@ served exactly as received.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -22,6 +23,7 @@ from mirror.flight import SingleFlight
 from mirror.index import AcceptKey
 from mirror.reference import Digest, parse_digest
 from mirror.store import Store
+from mirror.tokens import ANONYMOUS, Credential
 from mirror.upstream import UpstreamClient, upstream_error
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
@@ -50,6 +52,7 @@ class ManifestInfo:
     media_type: str
     size: int
     stale: bool = False  # from the cache because the upstream could not answer
+    anonymous: bool = False  # resolved with no credentials: proof that anyone may read it
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,21 +87,35 @@ class ManifestService:
     # -- tags ----------------------------------------------------------------------------
 
     async def resolve(
-        self, client: UpstreamClient, repo: str, tag: str, accept: AcceptKey
+        self, client: UpstreamClient, repo: str, tag: str, accept: AcceptKey,
+        credential: Credential | None = None, proof: bool = False,
     ) -> ManifestInfo:
+        """The tag's manifest digest, type and size for this Accept set.
+
+        With `proof` the answer must also show that `credential` may read the repository:
+        it comes from the upstream asked with that credential, or, for anonymous access, from
+        an anonymous answer younger than tag_ttl (shared by every worker).
+        """
+        anonymous = credential is ANONYMOUS or (credential is None and client.basic is None)
+        if proof and not anonymous:
+            assert credential is not None
+            return await self._flight.do(
+                ("tag", client.name, repo, tag, accept, credential),
+                lambda: self._resolve_upstream(client, repo, tag, accept, credential))
         cache = self._tag_cache(client)
         key = (repo, tag, accept)
         info = cache.get(key)
-        if info is not None:
+        if info is not None and (not proof or info.anonymous):
             return info
         try:
             info = await self._flight.do(
-                ("tag", client.name, *key),
-                lambda: self._resolve_shared(client, repo, tag, accept))
+                ("tag", client.name, *key, anonymous),
+                lambda: self._resolve_shared(client, repo, tag, accept, credential, proof))
         except (errors.UpstreamError, errors.Unavailable, errors.TooManyRequests):
-            record = (self.store.index.tag(client.name, repo, tag, accept)
-                      or self.store.index.tag(client.name, repo, tag, None))
-            if record is None:
+            index = self.store.index
+            record = index.tag(client.name, repo, tag, accept) or index.tag(
+                client.name, repo, tag, None)
+            if record is None or (proof and not index.public(client.name, repo)):
                 raise
             # The upstream is down or refusing us: the last answer we had beats none.
             return ManifestInfo(parse_digest(record.digest), record.media_type, record.size,
@@ -115,7 +132,8 @@ class ManifestService:
         return cache
 
     async def _resolve_shared(
-        self, client: UpstreamClient, repo: str, tag: str, accept: AcceptKey
+        self, client: UpstreamClient, repo: str, tag: str, accept: AcceptKey,
+        credential: Credential | None, proof: bool,
     ) -> ManifestInfo:
         """One upstream HEAD per tag across all workers: lock, then share via the index."""
         index = self.store.index
@@ -123,27 +141,31 @@ class ManifestService:
         ttl = self.tag_ttl(client)
         for _ in range(3):
             record = index.tag(client.name, repo, tag, accept)
-            if record and time.time() - record.at < ttl:
-                return ManifestInfo(parse_digest(record.digest), record.media_type, record.size)
+            if record and time.time() - record.at < ttl and (not proof or record.anonymous):
+                return ManifestInfo(parse_digest(record.digest), record.media_type, record.size,
+                                    anonymous=record.anonymous)
             lock = await exclusive(self.store, name, timeout=120)
             if lock is None:
                 continue  # another worker just resolved it: read its record
             try:
-                info = await self._resolve_upstream(client, repo, tag, accept)
+                info = await self._resolve_upstream(client, repo, tag, accept, credential)
                 index.set_tag(client.name, repo, tag, accept, str(info.digest), info.media_type,
-                              info.size)
+                              info.size, anonymous=info.anonymous)
                 return info
             finally:
                 lock.release()
-        return await self._resolve_upstream(client, repo, tag, accept)
+        return await self._resolve_upstream(client, repo, tag, accept, credential)
 
     async def _resolve_upstream(
-        self, client: UpstreamClient, repo: str, tag: str, accept: AcceptKey
+        self, client: UpstreamClient, repo: str, tag: str, accept: AcceptKey,
+        credential: Credential | None,
     ) -> ManifestInfo:
+        anonymous = credential is ANONYMOUS or (credential is None and client.basic is None)
         headers = {"Accept": ", ".join(accept)} if accept else {}
         path = f"/v2/{repo}/manifests/{tag}"
         what = f"manifest {repo}:{tag}"
-        response = await client.send("HEAD", path, repo=repo, headers=headers)
+        response = await client.send("HEAD", path, repo=repo, headers=headers,
+                                     credential=credential)
         digest_header = response.headers.get("docker-content-digest")
         if response.status_code == 200 and digest_header:
             length = response.headers.get("content-length", "")
@@ -156,12 +178,12 @@ class ManifestService:
                     f"upstream {client.name} sent a bad digest for {what}") from exc
             media_type = (response.headers.get("content-type") or "").split(";")[0].strip()
             if media_type and length.isdigit():
-                return ManifestInfo(digest, media_type, int(length))
+                return ManifestInfo(digest, media_type, int(length), anonymous=anonymous)
         elif response.status_code != 200:
             raise upstream_error(response, client.name, errors.ManifestUnknown, what)
         # No usable HEAD answer: GET the manifest and learn its digest from the bytes.
-        manifest = await self._download(client, repo, tag, None, headers)
-        return manifest.info
+        manifest = await self._download(client, repo, tag, None, headers, credential)
+        return dataclasses.replace(manifest.info, anonymous=anonymous)
 
     # -- by digest -----------------------------------------------------------------------
 
@@ -177,14 +199,19 @@ class ManifestService:
         self._hot[digest] = manifest
         return manifest
 
-    async def get(self, client: UpstreamClient, repo: str, digest: Digest) -> Manifest:
+    async def get(
+        self, client: UpstreamClient, repo: str, digest: Digest,
+        credential: Credential | None = None,
+    ) -> Manifest:
         manifest = self.cached(digest)
         if manifest is not None:
             return manifest
         return await self._flight.do(
-            ("manifest", digest), lambda: self._fetch(client, repo, digest))
+            ("manifest", digest), lambda: self._fetch(client, repo, digest, credential))
 
-    async def _fetch(self, client: UpstreamClient, repo: str, digest: Digest) -> Manifest:
+    async def _fetch(
+        self, client: UpstreamClient, repo: str, digest: Digest, credential: Credential | None
+    ) -> Manifest:
         name = f"{digest.algorithm}-{digest.hex}"
         for _ in range(3):
             manifest = self.cached(digest)
@@ -194,10 +221,10 @@ class ManifestService:
             if lock is None:
                 continue
             try:
-                return await self._download(client, repo, str(digest), digest, {})
+                return await self._download(client, repo, str(digest), digest, {}, credential)
             finally:
                 lock.release()
-        return await self._download(client, repo, str(digest), digest, {})
+        return await self._download(client, repo, str(digest), digest, {}, credential)
 
     async def _download(
         self,
@@ -206,12 +233,13 @@ class ManifestService:
         reference: str,
         expected: Digest | None,
         headers: dict[str, str],
+        credential: Credential | None,
     ) -> Manifest:
         """GET a manifest, check it, store it by the digest of its exact bytes."""
         what = f"manifest {repo}@{reference}" if expected else f"manifest {repo}:{reference}"
         response = await client.send(
             "GET", f"/v2/{repo}/manifests/{reference}", repo=repo,
-            headers={"Accept": ACCEPT_ALL, **headers}, stream=True)
+            headers={"Accept": ACCEPT_ALL, **headers}, stream=True, credential=credential)
         try:
             if response.status_code != 200:
                 body = await response.aread()

@@ -1,39 +1,47 @@
-"""HTTP routing: the OCI distribution API as clients see it, mapped onto the services."""
+"""HTTP routing: the OCI distribution API as clients see it, mapped onto the services.
+
+Each read goes: which upstream and repository (`target`), who asks (`caller_of`), may they
+(`Access.authorize`), then the manifest or blob service.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
+from urllib.parse import parse_qsl
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from mirror import errors
+from mirror.access import ANONYMOUS, Access, Caller, caller_of
+from mirror.auth import (
+    TokenEndpoint,
+    challenge_header,
+    credentials_from_form,
+    credentials_from_header,
+)
 from mirror.blobs import BlobService
 from mirror.manifests import ManifestInfo, ManifestService, accept_key
 from mirror.ranges import parse_range
 from mirror.reference import Digest, check_name, check_reference, parse_digest
 from mirror.settings import DOCKER_HUB
+from mirror.tokens import Credential
 from mirror.upstream import UpstreamClient, upstream_error
 
 log = logging.getLogger("mirror.routes")
 API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
 DOCKER_HUB_HOSTS = {"registry-1.docker.io", "index.docker.io", DOCKER_HUB}
-Endpoint = Callable[[Request], Awaitable[Response]]
+MAX_FORM = 64 * 1024
 
 
 def error_response(exc: errors.RegistryError) -> Response:
     return Response(
         json.dumps(exc.body()), status_code=exc.status, media_type="application/json",
         headers={**API_VERSION, **exc.headers})
-
-
-async def on_registry_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, errors.RegistryError)
-    return error_response(exc)
 
 
 async def on_http_error(request: Request, exc: Exception) -> Response:
@@ -45,8 +53,7 @@ async def on_http_error(request: Request, exc: Exception) -> Response:
 
 async def on_crash(request: Request, exc: Exception) -> Response:
     log.exception("internal error on %s %s", request.method, request.url.path)
-    response = error_response(errors.RegistryError("internal error"))
-    return response
+    return error_response(errors.RegistryError("internal error"))
 
 
 class Handlers:
@@ -55,80 +62,147 @@ class Handlers:
         clients: Mapping[str, UpstreamClient],
         manifests: ManifestService,
         blobs: BlobService,
+        access: Access,
+        public_url: str = "",
     ) -> None:
         self.clients = clients
         self.default = next(iter(clients.values()))
         self.manifests = manifests
         self.blobs = blobs
+        self.access = access
+        self.tokens = TokenEndpoint(clients)
+        self.public_url = public_url.rstrip("/")
 
     def routes(self) -> list[Route]:
         read = ["GET", "HEAD"]
         return [
             Route("/v2/", self.ping, methods=read),
+            Route("/token", self.token, methods=["GET", "POST"]),
             Route("/v2/{name:path}/manifests/{reference}", self.manifest, methods=read),
             Route("/v2/{name:path}/blobs/{digest}", self.blob, methods=read),
             Route("/v2/{name:path}/tags/list", self.tags, methods=read),
             Route("/v2/{name:path}/referrers/{digest}", self.referrers, methods=read),
         ]
 
-    # -- which upstream, which repository ----------------------------------------------
+    # -- which upstream, which repository, who asks ------------------------------------
 
     def target(self, request: Request) -> tuple[UpstreamClient, str]:
         """Pick the upstream (by `?ns=`, by path prefix, else the default) and the repo."""
         name: str = request.path_params["name"]
-        ns = request.query_params.get("ns")
-        client = self.default
-        if ns is not None:
-            found = self._by_registry(ns)
-            if found is None:
-                raise errors.NameUnknown(f"no upstream is configured for registry {ns[:100]!r}")
-            client = found
-        else:
+        client = self._client_for(request)
+        if request.query_params.get("ns") is None:
             first, sep, rest = name.partition("/")
             if sep and rest and first in self.clients:
                 client, name = self.clients[first], rest
         check_name(name)
         if client.upstream.library_prefix and "/" not in name:
             name = "library/" + name
+        request.state.target = (client, name)  # for the challenge of a 401
         return client, name
 
-    def _by_registry(self, ns: str) -> UpstreamClient | None:
+    def _client_for(self, request: Request) -> UpstreamClient:
+        ns = request.query_params.get("ns")
+        if ns is None:
+            return self.default
         for client in self.clients.values():
             names = {client.name, client.upstream.host}
             if names & DOCKER_HUB_HOSTS:
                 names |= DOCKER_HUB_HOSTS
             if ns in names:
                 return client
-        return None
+        raise errors.NameUnknown(f"no upstream is configured for registry {ns[:100]!r}")
 
-    # -- endpoints -----------------------------------------------------------------------
+    def caller(self, request: Request) -> Caller:
+        return caller_of(request.headers.get("authorization"))
+
+    def credential(self, client: UpstreamClient, caller: Caller) -> Credential | None:
+        """For requests we do not cache: the caller's own, or strictly anonymous access."""
+        if caller.credential is not None:
+            return caller.credential
+        return None if client.upstream.expose_private else ANONYMOUS
+
+    def realm(self, request: Request) -> str:
+        base = self.public_url or f"{request.url.scheme}://{request.url.netloc}"
+        return base + "/token"
+
+    async def on_registry_error(self, request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, errors.RegistryError)
+        if exc.status == 401 and "WWW-Authenticate" not in exc.headers:
+            client, repo = getattr(request.state, "target", (self.default, ""))
+            shown = request.path_params.get("name", "")
+            scope = f"repository:{shown}:pull" if shown else ""
+            exc.headers["WWW-Authenticate"] = challenge_header(
+                self.realm(request), client, scope, repo)
+        return error_response(exc)
+
+    # -- auth ----------------------------------------------------------------------------
 
     async def ping(self, request: Request) -> Response:
-        return Response(b"{}", media_type="application/json", headers=API_VERSION)
+        if request.headers.get("authorization"):
+            return Response(b"{}", media_type="application/json", headers=API_VERSION)
+        # Docker learns how to authenticate only from this answer.
+        request.state.target = (self._client_for(request), "")
+        raise errors.Unauthorized("authentication required")
+
+    async def token(self, request: Request) -> Response:
+        query = request.query_params
+        basic = credentials_from_header(request.headers.get("authorization"))
+        scopes = query.getlist("scope")
+        service, account = query.get("service"), query.get("account")
+        if request.method == "POST":
+            body = await request.body()
+            if len(body) > MAX_FORM:
+                raise errors.SizeInvalid("token request form too large")
+            form = dict(parse_qsl(body.decode(errors="replace")))
+            basic = credentials_from_form(form) or basic
+            scopes = form.get("scope", "").split() or scopes
+            service = form.get("service", service)
+        answer = await self.tokens.issue(service, scopes, basic, account)
+        return JSONResponse(answer, headers={"Cache-Control": "no-store"})
+
+    # -- reads ---------------------------------------------------------------------------
 
     async def manifest(self, request: Request) -> Response:
         client, repo = self.target(request)
+        caller = self.caller(request)
         reference = check_reference(request.path_params["reference"])
         head = request.method == "HEAD"
         if isinstance(reference, Digest):
-            manifest = await self.manifests.get(client, repo, reference)
+            await self.access.authorize(
+                client, repo, caller, f"/v2/{repo}/manifests/{reference}", reference)
+            manifest = await self.manifests.get(client, repo, reference, caller.credential)
+            self.access.link_manifest(client.name, repo, reference, manifest.data)
             return manifest_response(manifest.info, None if head else manifest.data)
         accept = accept_key(request.headers.getlist("accept"))
-        info = await self.manifests.resolve(client, repo, reference, accept)
+        if self.access.granted(client, repo, caller):
+            info = await self.manifests.resolve(client, repo, reference, accept,
+                                                caller.credential)
+        else:
+            # Resolving the tag with the caller's own access is what proves that access.
+            try:
+                info = await self.manifests.resolve(
+                    client, repo, reference, accept, caller.credential or ANONYMOUS, proof=True)
+            except errors.RegistryError as exc:
+                raise self.access.refused(client, repo, caller, exc) from exc
+            self.access.grant(client, repo, caller)
         if head:
+            self.access.link(client.name, repo, [str(info.digest)])
             return manifest_response(info, None, info.stale)
-        manifest = await self.manifests.get(client, repo, info.digest)
+        manifest = await self.manifests.get(client, repo, info.digest, caller.credential)
+        self.access.link_manifest(client.name, repo, info.digest, manifest.data)
         return manifest_response(manifest.info, manifest.data, info.stale)
 
     async def blob(self, request: Request) -> Response:
         client, repo = self.target(request)
+        caller = self.caller(request)
         digest = parse_digest(request.path_params["digest"])
+        await self.access.authorize(client, repo, caller, f"/v2/{repo}/blobs/{digest}", digest)
         headers = {**API_VERSION, "Docker-Content-Digest": str(digest), "Accept-Ranges": "bytes",
                    "Content-Type": "application/octet-stream"}
         if request.method == "HEAD":
-            size = await self.blobs.size(client, repo, digest)
+            size = await self.blobs.size(client, repo, digest, caller.credential)
             return Response(b"", headers={**headers, "Content-Length": str(size)})
-        reader = await self.blobs.open(client, repo, digest)
+        reader = await self.blobs.open(client, repo, digest, caller.credential)
         status, start, end = 200, 0, reader.size
         if reader.size is not None:
             try:
@@ -145,8 +219,10 @@ class Handlers:
 
     async def tags(self, request: Request) -> Response:
         client, repo = self.target(request)
+        credential = self.credential(client, self.caller(request))
         params = {k: request.query_params[k] for k in ("n", "last") if k in request.query_params}
-        response = await client.send("GET", f"/v2/{repo}/tags/list", repo=repo, params=params)
+        response = await client.send("GET", f"/v2/{repo}/tags/list", repo=repo, params=params,
+                                     credential=credential)
         if response.status_code != 200:
             raise upstream_error(
                 response, client.name, errors.NameUnknown, f"repository {repo}", response.content)
@@ -162,10 +238,12 @@ class Handlers:
 
     async def referrers(self, request: Request) -> Response:
         client, repo = self.target(request)
+        credential = self.credential(client, self.caller(request))
         digest = parse_digest(request.path_params["digest"])
         params = {k: v for k, v in request.query_params.items() if k == "artifactType"}
         response = await client.send(
-            "GET", f"/v2/{repo}/referrers/{digest}", repo=repo, params=params)
+            "GET", f"/v2/{repo}/referrers/{digest}", repo=repo, params=params,
+            credential=credential)
         if response.status_code != 200:
             raise upstream_error(response, client.name, errors.ManifestUnknown,
                                  f"referrers of {repo}@{digest}", response.content)

@@ -38,6 +38,10 @@ class Upstream:
     tag_ttl: float | None = None
     # Docker Hub's convention: a one-component name `nginx` means `library/nginx`.
     library_prefix: bool = False
+    # With credentials configured: let anonymous clients read what those credentials can.
+    expose_private: bool = False
+    # Send clients the upstream's own challenge (they fetch tokens from the upstream).
+    auth_passthrough: bool = False
 
     @property
     def host(self) -> str:
@@ -55,6 +59,8 @@ class Settings:
     read_timeout: float = 60.0
     log_level: str = "info"
     offline: bool = False
+    # How clients reach us, for the token realm we advertise (default: from each request).
+    public_url: str = ""
 
     @property
     def default_upstream(self) -> Upstream:
@@ -194,6 +200,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "read_timeout": _positive,
     "log_level": _level,
     "offline": _bool,
+    "public_url": lambda _n, v: str(v),
 }
 
 

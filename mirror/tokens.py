@@ -49,28 +49,56 @@ def repository_scope(repo: str, actions: str = "pull") -> str:
     return f"repository:{repo}:{actions}"
 
 
+@dataclass(frozen=True)
+class Credential:
+    """How to authenticate upstream on a client's behalf (kept in memory only).
+
+    `bearer`: the client's own upstream token, forwarded as is; `basic`: the client's
+    username and password, exchanged for tokens at the upstream's realm; neither: anonymous,
+    without even the mirror's configured credentials (to learn what anyone may read).
+    """
+
+    bearer: str | None = None
+    basic: httpx.BasicAuth | None = None
+
+
+ANONYMOUS = Credential()
+
+
 class TokenCache:
     """Fetches and caches tokens; one fetch at a time per key in this process."""
 
     def __init__(self, client: httpx.AsyncClient, upstream_name: str) -> None:
         self._client = client
         self._name = upstream_name
-        self._tokens: dict[tuple[str, ...], tuple[str, float]] = {}
+        self._tokens: dict[tuple[str, ...], tuple[str, float]] = {}  # key -> (token, deadline)
         self._flight = SingleFlight()
         self.fetched = 0
 
     async def get(
-        self, challenge: Challenge, scope: str, auth: httpx.BasicAuth | None = None
+        self, challenge: Challenge, scope: str, auth: httpx.BasicAuth | None = None,
+        account: str | None = None,
     ) -> str:
+        """A token for `scope` (several scopes: space-separated)."""
+        token, _ = await self.get_with_lifetime(challenge, scope, auth, account)
+        return token
+
+    async def get_with_lifetime(
+        self, challenge: Challenge, scope: str, auth: httpx.BasicAuth | None = None,
+        account: str | None = None,
+    ) -> tuple[str, float]:
+        """A token and the seconds it stays good for."""
         key = self._key(challenge, scope, auth)
         entry = self._tokens.get(key)
-        if entry and entry[1] > time.monotonic():
-            return entry[0]
+        now = time.monotonic()
+        if entry and entry[1] > now:
+            return entry[0], entry[1] - now
 
-        async def fetch() -> str:
-            token, expires_in = await self._fetch(challenge, scope, auth)
-            self._tokens[key] = (token, time.monotonic() + max(expires_in - EXPIRY_MARGIN, 1.0))
-            return token
+        async def fetch() -> tuple[str, float]:
+            token, expires_in = await self._fetch(challenge, scope, auth, account)
+            lifetime = max(expires_in - EXPIRY_MARGIN, 1.0)
+            self._tokens[key] = (token, time.monotonic() + lifetime)
+            return token, lifetime
 
         return await self._flight.do(key, fetch)
 
@@ -83,11 +111,15 @@ class TokenCache:
         return (challenge.realm, challenge.service, scope, str(account))
 
     async def _fetch(
-        self, challenge: Challenge, scope: str, auth: httpx.BasicAuth | None
+        self, challenge: Challenge, scope: str, auth: httpx.BasicAuth | None,
+        account: str | None = None,
     ) -> tuple[str, float]:
-        params = {"service": challenge.service} if challenge.service else {}
-        if scope:
-            params["scope"] = scope
+        params: list[tuple[str, str | int | float | bool | None]] = []
+        if challenge.service:
+            params.append(("service", challenge.service))
+        params += [("scope", s) for s in scope.split()]
+        if account:
+            params.append(("account", account))
         try:
             response = await self._client.get(challenge.realm, params=params, auth=auth)
         except httpx.TimeoutException as exc:
@@ -96,7 +128,8 @@ class TokenCache:
             raise UpstreamError(
                 f"token service of upstream {self._name} unreachable: {exc}") from exc
         if response.status_code in (401, 403):
-            raise Unauthorized(f"upstream {self._name} refused the credentials for {scope}")
+            raise Unauthorized(
+                f"upstream {self._name} refused the credentials for {scope or 'login'}")
         if response.status_code != 200:
             raise UpstreamError(
                 f"token service of upstream {self._name} answered {response.status_code}")

@@ -14,7 +14,13 @@ import httpx
 
 from mirror import errors
 from mirror.settings import Settings, Upstream
-from mirror.tokens import Challenge, TokenCache, parse_challenge, repository_scope
+from mirror.tokens import (
+    Challenge,
+    Credential,
+    TokenCache,
+    parse_challenge,
+    repository_scope,
+)
 
 MAX_REDIRECTS = 5
 
@@ -48,42 +54,61 @@ class UpstreamClient:
         headers: dict[str, str] | None = None,
         params: dict[str, str] | None = None,
         stream: bool = False,
+        credential: Credential | None = None,
+        actions: str = "pull",
     ) -> httpx.Response:
         """Send a request for `repo`, authenticating as the upstream asks.
 
-        With `stream=True` the caller owns the response and must `aclose()` it.
+        `credential` None: the mirror's own (configured, else anonymous) access; otherwise
+        the client's. With `stream=True` the caller owns the response and must `aclose()` it.
         """
         if self.offline:
             raise errors.Unavailable(f"offline mode: upstream {self.name} is not contacted")
         url = self.upstream.url + path
-        scope = repository_scope(repo)
+        scope = repository_scope(repo, actions)
+        basic = self.basic if credential is None else credential.basic
         for attempt in range(2):
             request_headers = dict(headers or {})
-            auth = await self._authorization(scope)
+            auth = await self._authorization(scope, basic, credential)
             if auth:
                 request_headers["Authorization"] = auth
             response = await self._send_following(method, url, request_headers, params, stream)
-            if response.status_code != 401 or attempt:
+            if response.status_code != 401 or attempt or (credential and credential.bearer):
                 return response
             challenge = parse_challenge(response.headers.get("www-authenticate", ""))
             if challenge is None or challenge.scheme not in ("Bearer", "Basic"):
                 return response
-            if challenge.scheme == "Basic" and self.basic is None:
+            if challenge.scheme == "Basic" and basic is None:
                 return response
             await response.aclose()
             if auth and self.challenge and self.challenge.scheme == "Bearer":
-                self.tokens.forget(self.challenge, scope, self.basic)  # refused: fetch anew
+                self.tokens.forget(self.challenge, scope, basic)  # refused: fetch anew
             self.challenge = Challenge(challenge.scheme, challenge.realm, challenge.service)
         raise AssertionError("unreachable")
 
-    async def _authorization(self, scope: str) -> str | None:
+    async def _authorization(
+        self, scope: str, basic: httpx.BasicAuth | None, credential: Credential | None
+    ) -> str | None:
+        if credential is not None and credential.bearer:
+            return f"Bearer {credential.bearer}"
         challenge = self.challenge
         if challenge is None:
             return None
         if challenge.scheme == "Basic":
-            return self.basic._auth_header if self.basic else None
-        token = await self.tokens.get(challenge, scope, self.basic)
+            return basic._auth_header if basic else None
+        token = await self.tokens.get(challenge, scope, basic)
         return f"Bearer {token}"
+
+    async def discover_challenge(self) -> Challenge | None:
+        """The upstream's auth challenge, from its `/v2/` ping if not yet known."""
+        if self.challenge is None and not self.offline:
+            response = await self._send_following("GET", self.upstream.url + "/v2/", {}, None,
+                                                  False)
+            if response.status_code == 401:
+                found = parse_challenge(response.headers.get("www-authenticate", ""))
+                if found and found.scheme in ("Bearer", "Basic"):
+                    self.challenge = Challenge(found.scheme, found.realm, found.service)
+        return self.challenge
 
     async def _send_following(
         self,
@@ -140,7 +165,10 @@ def upstream_error(
             cls = not_found
         return cls(message or f"{what} not found on upstream {upstream}")
     if status == 401:
-        return errors.Unauthorized(f"upstream {upstream} requires authentication for {what}")
+        # Valid credentials without the right to `what` (what the caller should see as 403).
+        scope = "insufficient_scope" in response.headers.get("www-authenticate", "")
+        return errors.Unauthorized(f"upstream {upstream} requires authentication for {what}",
+                                   detail="insufficient_scope" if scope else None)
     if status == 403:
         return errors.Denied(f"upstream {upstream} denied access to {what}")
     if 400 <= status < 500 and code in errors.BY_CODE:
