@@ -9,12 +9,13 @@ What it records, all small:
     ("pin", digest)                         never evicted
     ("public", upstream, repo)              True/False: what an anonymous probe last found
     ("ref", upstream, repo, digest)         an image asked for by digest (seeded, imported)
+    ("used", digest)                        when the content was last served (batched writes)
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,29 @@ class Index:
 
     def pinned(self, digest: str) -> bool:
         return bool(self.db.get(("pin", digest)))
+
+    def pins(self) -> Iterator[str]:
+        for key in self.db.iterkeys():
+            if isinstance(key, tuple) and key[0] == "pin" and self.db.get(key):
+                yield key[1]
+
+    # -- last use (written in batches by `mirror.recency`) --------------------------------
+
+    def last_used(self, digest: str) -> float | None:
+        value = self.db.get(("used", digest))
+        return value if isinstance(value, float) else None
+
+    def set_last_used(self, uses: Mapping[str, float]) -> None:
+        """Record uses; a later time recorded by another worker is never set back."""
+        with self.db.transact():
+            for digest, at in uses.items():
+                old = self.db.get(("used", digest))
+                if not isinstance(old, float) or old < at:
+                    self.db.set(("used", digest), at)
+
+    def forget_use(self, digest: str) -> None:
+        """The content is gone: its last use goes too (tags and media types stay)."""
+        self.db.delete(("used", digest))
 
     # -- images named by digest (what a tag is to images named by tag) -------------------
 

@@ -141,7 +141,10 @@ class Handlers:
         if request.headers.get("authorization"):
             return Response(b"{}", media_type="application/json", headers=API_VERSION)
         # Docker learns how to authenticate only from this answer.
-        request.state.target = (self._client_for(request), "")
+        client = self._client_for(request)
+        if client.upstream.auth_passthrough:
+            await client.discover_challenge()
+        request.state.target = (client, "")
         raise errors.Unauthorized("authentication required")
 
     async def token(self, request: Request) -> Response:

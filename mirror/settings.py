@@ -61,6 +61,8 @@ class Settings:
     offline: bool = False
     # How clients reach us, for the token realm we advertise (default: from each request).
     public_url: str = ""
+    # Bytes of content the cache may hold; None: 80 % of the room it has at start.
+    max_cache_size: int | None = None
 
     @property
     def default_upstream(self) -> Upstream:
@@ -167,6 +169,16 @@ def _upstreams(name: str, value: Any) -> tuple[Upstream, ...]:
     return upstreams
 
 
+def _size(name: str, value: Any) -> int:
+    try:
+        if isinstance(value, bool):
+            raise ValueError(value)
+        return parse_size(value if isinstance(value, int) else str(value))
+    except ValueError:
+        raise SettingsError(f"{name}: expected bytes or a size like 10GB or 512MiB, "
+                            f"got {value!r}") from None
+
+
 def _listen(name: str, value: Any) -> str:
     parse_listen(str(value))
     return str(value)
@@ -201,6 +213,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "log_level": _level,
     "offline": _bool,
     "public_url": lambda _n, v: str(v),
+    "max_cache_size": _size,
 }
 
 
