@@ -122,6 +122,10 @@ class Access:
             for digest in new:
                 self._links[(upstream, repo, digest)] = True
 
+    def unlink(self, upstream: str, repo: str, digest: str) -> None:
+        self._links.pop((upstream, repo, digest), None)
+        self.index.unlink(upstream, repo, digest)
+
     def link_manifest(self, upstream: str, repo: str, digest: Digest, data: bytes) -> None:
         if (upstream, repo, str(digest)) in self._links:
             return  # its children were linked along with it

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -13,11 +14,14 @@ from starlette.exceptions import HTTPException
 from mirror import errors
 from mirror.access import Access
 from mirror.blobs import BlobService
+from mirror.evict import Evictor
 from mirror.fills import Fills
 from mirror.manifests import ManifestService
 from mirror.routes import Handlers, on_crash, on_http_error
+from mirror.routes_push import PushHandlers
 from mirror.settings import RESOLVED_ENV, Settings
 from mirror.store import Store
+from mirror.uploads import Uploads
 from mirror.upstream import UpstreamClient
 
 log = logging.getLogger("mirror")
@@ -35,19 +39,42 @@ def create_app(settings: Settings) -> Starlette:
         return settings.tag_ttl if ttl is None else ttl
 
     fills = Fills(store, wait_timeout=settings.connect_timeout + settings.read_timeout)
-    handlers = Handlers(clients, ManifestService(store, tag_ttl), BlobService(store, fills),
-                        Access(store.index), settings.public_url)
+    manifests = ManifestService(store, tag_ttl)
+    access = Access(store.index)
+    handlers = Handlers(clients, manifests, BlobService(store, fills), access,
+                        settings.public_url)
+    uploads = Uploads(store.root / "uploads", store, settings.upload_timeout,
+                      settings.max_layer_size)
+    pushes = PushHandlers(handlers, uploads, manifests, access)
+
+    async def sweep_uploads() -> None:
+        while True:
+            await asyncio.sleep(min(5.0, settings.upload_timeout / 4))
+            try:
+                await uploads.sweep(clients)
+            except Exception:  # keep sweeping; one bad session must not stop the loop
+                log.exception("upload sweep failed")
+
+    evictor = Evictor(store, settings.max_cache_size)
+    store.on_commit = evictor.committed
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        background = [asyncio.create_task(store.recency.run(), name="recency"),
+                      asyncio.create_task(evictor.run(), name="evict"),
+                      asyncio.create_task(sweep_uploads(), name="uploads")]
         yield
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
         await fills.aclose()
+        uploads.close()
         for client in clients.values():
             await client.aclose()
         store.close()
 
     app = Starlette(
-        routes=handlers.routes(),
+        routes=pushes.routes() + handlers.routes(),
         exception_handlers={
             errors.RegistryError: handlers.on_registry_error,
             HTTPException: on_http_error,
@@ -58,6 +85,7 @@ def create_app(settings: Settings) -> Starlette:
     app.state.settings = settings
     app.state.store = store
     app.state.fills = fills
+    app.state.evictor = evictor
     app.state.clients = clients
     return app
 
@@ -67,4 +95,5 @@ def app_from_env() -> Starlette:
     settings = Settings.from_json(os.environ[RESOLVED_ENV])
     level = "DEBUG" if settings.log_level == "trace" else settings.log_level.upper()
     logging.basicConfig(level=level, format="%(levelname)-8s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream request
     return create_app(settings)

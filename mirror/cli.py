@@ -26,6 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "trusted before asking upstream again (default 60)")
     serve.add_argument("--workers", metavar="N", help="worker processes (default 1)")
     serve.add_argument("--log-level", metavar="LEVEL", help="critical..debug (default info)")
+    serve.add_argument("--max-cache-size", metavar="SIZE", help="bytes of content to keep, "
+                       "e.g. 10GB or 512MiB (default 80%% of the room the cache has at start)")
+    serve.add_argument("--upload-timeout", metavar="SECONDS",
+                       help="time an upload may take from its start (default 600)")
+    serve.add_argument("--max-layer-size", metavar="BYTES",
+                       help="largest layer a push may upload, e.g. 10GB (default 10GB)")
     serve.add_argument("--offline", action="store_true", default=None,
                        help="serve only from the cache; never contact an upstream")
     return parser

@@ -8,6 +8,7 @@ What it records, all small:
     ("link", upstream, repo, digest)        `repo` on `upstream` is known to hold `digest`
     ("pin", digest)                         never evicted
     ("public", upstream, repo)              True/False: what an anonymous probe last found
+    ("pushed", upstream, repo, tag)         when a manifest was last pushed to the tag
     ("ref", upstream, repo, digest)         an image asked for by digest (seeded, imported)
     ("used", digest)                        when the content was last served (batched writes)
 """
@@ -74,6 +75,14 @@ class Index:
                 self.db.set(("tag", upstream, repo, tag, accept), value)
             self.db.set(("tag", upstream, repo, tag, None), value)
 
+    def set_pushed(self, upstream: str, repo: str, tag: str) -> None:
+        """A new manifest was pushed to the tag: older resolutions of it are void."""
+        self.db.set(("pushed", upstream, repo, tag), time.time())
+
+    def pushed(self, upstream: str, repo: str, tag: str) -> float:
+        value = self.db.get(("pushed", upstream, repo, tag))
+        return float(value) if isinstance(value, int | float) else 0.0
+
     def tags(self) -> Iterator[TagRecord]:
         """Every tag's latest record (one per upstream, repo and tag)."""
         for key in self.db.iterkeys():
@@ -81,6 +90,14 @@ class Index:
                 record = self.tag(key[1], key[2], key[3], None)
                 if record is not None:
                     yield record
+
+    def tag_records(self) -> Iterator[tuple[AcceptKey | None, TagRecord]]:
+        """Every record, for each Accept set too (each may name another manifest)."""
+        for key in self.db.iterkeys():
+            if isinstance(key, tuple) and key[0] == "tag":
+                record = self.tag(key[1], key[2], key[3], key[4])
+                if record is not None:
+                    yield key[4], record
 
     def drop_tag(self, upstream: str, repo: str, tag: str) -> None:
         for key in list(self.db.iterkeys()):
@@ -93,6 +110,9 @@ class Index:
         with self.db.transact():
             for digest in digests:
                 self.db.set(("link", upstream, repo, digest), True)
+
+    def unlink(self, upstream: str, repo: str, digest: str) -> None:
+        self.db.delete(("link", upstream, repo, digest))
 
     def linked(self, upstream: str, repo: str, digest: str) -> bool:
         return bool(self.db.get(("link", upstream, repo, digest)))
@@ -158,6 +178,9 @@ class Index:
                 value = self.db.get(key)
                 if isinstance(value, dict):
                     yield key[1], key[2], key[3], value["media_type"], value["size"]
+
+    def drop_ref(self, upstream: str, repo: str, digest: str) -> None:
+        self.db.delete(("ref", upstream, repo, digest))
 
     def get(self, key: tuple[Any, ...]) -> Any:
         return self.db.get(key)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -83,6 +84,8 @@ class ManifestService:
         self._hot: cachetools.LRUCache[Digest, Manifest] = cachetools.LRUCache(
             HOT_BYTES, getsizeof=lambda m: len(m.data) + 200)
         self._flight = SingleFlight()
+        self._generation = store.root / "tags.generation"
+        self._seen_generation = -1
 
     # -- tags ----------------------------------------------------------------------------
 
@@ -96,6 +99,7 @@ class ManifestService:
         it comes from the upstream asked with that credential, or, for anonymous access, from
         an anonymous answer younger than tag_ttl (shared by every worker).
         """
+        self._notice_pushes()
         anonymous = credential is ANONYMOUS or (credential is None and client.basic is None)
         if proof and not anonymous:
             assert credential is not None
@@ -141,7 +145,9 @@ class ManifestService:
         ttl = self.tag_ttl(client)
         for _ in range(3):
             record = index.tag(client.name, repo, tag, accept)
-            if record and time.time() - record.at < ttl and (not proof or record.anonymous):
+            fresh = record and time.time() - record.at < ttl and record.at > index.pushed(
+                client.name, repo, tag)
+            if record and fresh and (not proof or record.anonymous):
                 return ManifestInfo(parse_digest(record.digest), record.media_type, record.size,
                                     anonymous=record.anonymous)
             lock = await exclusive(self.store, name, timeout=120)
@@ -185,15 +191,61 @@ class ManifestService:
         manifest = await self._download(client, repo, tag, None, headers, credential)
         return dataclasses.replace(manifest.info, anonymous=anonymous)
 
+    # -- pushes --------------------------------------------------------------------------
+
+    def _notice_pushes(self) -> None:
+        """Drop remembered tags when any worker has pushed or deleted a manifest since.
+
+        One stat(2) per resolution: pushes are rare, tag requests are the hot path.
+        """
+        try:
+            generation = os.stat(self._generation).st_mtime_ns
+        except FileNotFoundError:
+            generation = 0
+        if generation != self._seen_generation:
+            self._seen_generation = generation
+            for cache in self._tags.values():
+                cache.clear()
+
+    def pushed(self, upstream: str, repo: str, data: bytes, media_type: str,
+               tag: str | None) -> ManifestInfo:
+        """Keep a manifest pushed through us (the upstream accepted exactly these bytes)."""
+        digest = Digest("sha256", hashlib.sha256(data).hexdigest())
+        info = ManifestInfo(digest, media_type, len(data))
+        if self.store.size(digest) is None:
+            self.store.index.set_media_type(str(digest), media_type)
+            self.store.write(digest, data)
+        self._hot[digest] = Manifest(info, data)
+        if tag is not None:
+            self.store.index.set_pushed(upstream, repo, tag)
+            self.store.index.set_tag(upstream, repo, tag, None, str(digest), media_type,
+                                     len(data))
+        self.forget_tags()
+        return info
+
+    def deleted(self, digest: Digest | None) -> None:
+        if digest is not None:
+            self._hot.pop(digest, None)
+            self.store.remove(digest)
+        self.forget_tags()
+
+    def forget_tags(self) -> None:
+        """Tell every worker (and ourselves) to forget the tags they remember."""
+        self._generation.touch()
+        os.utime(self._generation, ns=(time.time_ns(), time.time_ns()))
+        self._notice_pushes()
+
     # -- by digest -----------------------------------------------------------------------
 
     def cached(self, digest: Digest) -> Manifest | None:
         manifest = self._hot.get(digest)
         if manifest is not None:
+            self.store.recency.touch(digest)
             return manifest
         data = self.store.read(digest)
         if data is None:
             return None
+        self.store.recency.touch(digest)
         media_type = self.store.index.media_type(str(digest)) or media_type_of(data, None)
         manifest = Manifest(ManifestInfo(digest, media_type, len(data)), data)
         self._hot[digest] = manifest

@@ -130,7 +130,8 @@ class Handlers:
         if exc.status == 401 and "WWW-Authenticate" not in exc.headers:
             client, repo = getattr(request.state, "target", (self.default, ""))
             shown = request.path_params.get("name", "")
-            scope = f"repository:{shown}:pull" if shown else ""
+            actions = getattr(request.state, "actions", "pull")
+            scope = f"repository:{shown}:{actions}" if shown else ""
             exc.headers["WWW-Authenticate"] = challenge_header(
                 self.realm(request), client, scope, repo)
         return error_response(exc)

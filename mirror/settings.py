@@ -63,6 +63,9 @@ class Settings:
     public_url: str = ""
     # Bytes of content the cache may hold; None: 80 % of the room it has at start.
     max_cache_size: int | None = None
+    # Seconds an upload session may take from its POST; larger layers are refused (bytes).
+    upload_timeout: float = 600.0
+    max_layer_size: int = 10 * 10**9
 
     @property
     def default_upstream(self) -> Upstream:
@@ -214,6 +217,8 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "offline": _bool,
     "public_url": lambda _n, v: str(v),
     "max_cache_size": _size,
+    "upload_timeout": _positive,
+    "max_layer_size": _size,
 }
 
 

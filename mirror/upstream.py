@@ -8,6 +8,7 @@ error answers into `RegistryError`s that name the upstream.
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from urllib.parse import urljoin, urlsplit
 
 import httpx
@@ -56,24 +57,35 @@ class UpstreamClient:
         stream: bool = False,
         credential: Credential | None = None,
         actions: str = "pull",
+        content: AsyncIterator[bytes] | bytes | None = None,
+        extra_scope: str = "",
     ) -> httpx.Response:
-        """Send a request for `repo`, authenticating as the upstream asks.
+        """Send a request for `repo` (`path`: below the upstream's URL, or an absolute URL of
+        the upstream), authenticating as the upstream asks.
 
         `credential` None: the mirror's own (configured, else anonymous) access; otherwise
-        the client's. With `stream=True` the caller owns the response and must `aclose()` it.
+        the client's. A streamed `content` cannot be sent twice, so the challenge is learnt
+        first. With `stream=True` the caller owns the response and must `aclose()` it.
         """
         if self.offline:
             raise errors.Unavailable(f"offline mode: upstream {self.name} is not contacted")
-        url = self.upstream.url + path
-        scope = repository_scope(repo, actions)
+        url = path if path.startswith(("http://", "https://")) else self.upstream.url + path
+        if urlsplit(url)[:2] != urlsplit(self.upstream.url)[:2]:
+            raise errors.UpstreamError(f"upstream {self.name} pointed us at another host")
+        scope = " ".join(filter(None, (repository_scope(repo, actions), extra_scope)))
         basic = self.basic if credential is None else credential.basic
+        once = content is not None and not isinstance(content, bytes)
+        if once:
+            await self.discover_challenge()
         for attempt in range(2):
             request_headers = dict(headers or {})
             auth = await self._authorization(scope, basic, credential)
             if auth:
                 request_headers["Authorization"] = auth
-            response = await self._send_following(method, url, request_headers, params, stream)
-            if response.status_code != 401 or attempt or (credential and credential.bearer):
+            response = await self._send_following(
+                method, url, request_headers, params, stream, content)
+            if (response.status_code != 401 or attempt or once
+                    or (credential and credential.bearer)):
                 return response
             challenge = parse_challenge(response.headers.get("www-authenticate", ""))
             if challenge is None or challenge.scheme not in ("Bearer", "Basic"):
@@ -117,11 +129,13 @@ class UpstreamClient:
         headers: dict[str, str],
         params: dict[str, str] | None,
         stream: bool,
+        content: AsyncIterator[bytes] | bytes | None = None,
     ) -> httpx.Response:
         origin = urlsplit(url)[:2]  # scheme and host: a change of either drops credentials
         for _ in range(MAX_REDIRECTS + 1):
             try:
-                request = self.http.build_request(method, url, headers=headers, params=params)
+                request = self.http.build_request(
+                    method, url, headers=headers, params=params, content=content)
                 response = await self.http.send(request, stream=stream)
             except httpx.TimeoutException as exc:
                 raise errors.UpstreamTimeout(
@@ -136,6 +150,8 @@ class UpstreamClient:
             await response.aclose()
             url = urljoin(str(response.url), location)
             params = None
+            if content is not None and not isinstance(content, bytes):
+                return response  # a streamed body cannot follow a redirect
             if urlsplit(url)[:2] != origin:
                 # A CDN must never see our upstream credentials.
                 headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}

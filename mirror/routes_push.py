@@ -1,0 +1,148 @@
+"""HTTP routing of writes: uploads, manifest pushes and deletes, forwarded upstream with
+the client's own credentials (a push never happens on the mirror's behalf)."""
+
+from __future__ import annotations
+
+import hashlib
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from mirror import errors
+from mirror.access import Access
+from mirror.manifests import ManifestService, media_type_of
+from mirror.reference import Digest, check_name, check_reference, parse_digest
+from mirror.routes import API_VERSION, Handlers
+from mirror.tokens import Credential
+from mirror.uploads import MAX_MANIFEST, Forwarded, ManifestTooLarge, Uploads, read_manifest
+from mirror.upstream import UpstreamClient, upstream_error
+
+
+class PushHandlers:
+    def __init__(self, reads: Handlers, uploads: Uploads, manifests: ManifestService,
+                 access: Access) -> None:
+        self.reads = reads
+        self.uploads = uploads
+        self.manifests = manifests
+        self.access = access
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/v2/{name:path}/blobs/uploads/", self.start, methods=["POST"]),
+            Route("/v2/{name:path}/blobs/uploads/{session}", self.session,
+                  methods=["GET", "PATCH", "PUT", "DELETE"]),
+            Route("/v2/{name:path}/manifests/{reference}", self.manifest,
+                  methods=["PUT", "DELETE"]),
+            Route("/v2/{name:path}/blobs/{digest}", self.delete_blob, methods=["DELETE"]),
+        ]
+
+    def _writer(
+        self, request: Request, actions: str = "pull,push"
+    ) -> tuple[UpstreamClient, str, str, Credential]:
+        """Target, the name the client used, and the client's credential (required)."""
+        request.state.actions = actions
+        client, repo = self.reads.target(request)
+        credential = self.reads.caller(request).credential
+        if credential is None:
+            raise errors.Unauthorized(f"pushing to {client.name} needs credentials")
+        return client, repo, request.path_params["name"], credential
+
+    async def start(self, request: Request) -> Response:
+        client, repo, name, credential = self._writer(request)
+        query = dict(request.query_params)
+        if "from" in query:
+            query["from"] = self._upstream_name(client, query["from"])
+        result = await self.uploads.start(client, repo, name, credential, query,
+                                          request.stream(), content_length(request))
+        if result.status == 201:
+            self.access.link(client.name, repo, [result.headers["Docker-Content-Digest"]])
+        return answer(result)
+
+    async def session(self, request: Request) -> Response:
+        client, repo, name, credential = self._writer(request)
+        session = await self.uploads.get(client, request.path_params["session"], repo,
+                                         credential)
+        length = content_length(request)
+        if request.method == "PATCH":
+            result = await self.uploads.patch(client, session, name, credential,
+                                              request.stream(), length,
+                                              request.headers.get("content-range"))
+        elif request.method == "PUT":
+            digest = parse_digest(request.query_params.get("digest", ""))
+            result = await self.uploads.finish(client, session, name, credential, digest,
+                                               request.stream(), length)
+            self.access.link(client.name, repo, [str(digest)])
+        elif request.method == "GET":
+            result = await self.uploads.status(client, session, name, credential)
+        else:
+            result = await self.uploads.cancel(client, session, credential)
+        return answer(result)
+
+    async def manifest(self, request: Request) -> Response:
+        actions = "pull,push" if request.method == "PUT" else "pull,delete"
+        client, repo, name, credential = self._writer(request, actions)
+        reference = check_reference(request.path_params["reference"])
+        path = f"/v2/{repo}/manifests/{reference}"
+        if request.method == "DELETE":
+            response = await client.send("DELETE", path, repo=repo, credential=credential,
+                                         actions=actions)
+            if response.status_code not in (200, 202):
+                raise upstream_error(response, client.name, errors.ManifestUnknown,
+                                     f"manifest {repo}@{reference}", response.content)
+            self.manifests.deleted(reference if isinstance(reference, Digest) else None)
+            return Response(status_code=202, headers=API_VERSION)
+        length = content_length(request)
+        if length is not None and length > MAX_MANIFEST:
+            raise ManifestTooLarge("manifest larger than 4 MiB")
+        data = await read_manifest(request.stream())
+        media_type = media_type_of(data, request.headers.get("content-type"))
+        if isinstance(reference, Digest) and hashlib.new(
+                reference.algorithm, data).hexdigest() != reference.hex:
+            raise errors.DigestInvalid(f"manifest does not match {reference}")
+        response = await client.send(
+            "PUT", path, repo=repo, credential=credential, actions=actions, content=data,
+            headers={"Content-Type": media_type})
+        if response.status_code != 201:
+            raise upstream_error(response, client.name, errors.ManifestUnknown,
+                                 f"manifest {repo}:{reference}", response.content)
+        tag = None if isinstance(reference, Digest) else reference
+        info = self.manifests.pushed(client.name, repo, data, media_type, tag)
+        self.access.link_manifest(client.name, repo, info.digest, data)
+        return Response(status_code=201, headers={
+            **API_VERSION, "Location": f"/v2/{name}/manifests/{info.digest}",
+            "Docker-Content-Digest": str(info.digest)})
+
+    async def delete_blob(self, request: Request) -> Response:
+        client, repo, _, credential = self._writer(request, "pull,delete")
+        digest = parse_digest(request.path_params["digest"])
+        response = await client.send("DELETE", f"/v2/{repo}/blobs/{digest}", repo=repo,
+                                     credential=credential, actions="pull,delete")
+        if response.status_code not in (200, 202):
+            raise upstream_error(response, client.name, errors.BlobUnknown, f"blob {digest}",
+                                 response.content)
+        self.access.unlink(client.name, repo, str(digest))
+        self.reads.blobs.store.remove(digest)
+        return Response(status_code=202, headers=API_VERSION)
+
+    def _upstream_name(self, client: UpstreamClient, name: str) -> str:
+        if name.startswith(client.name + "/"):
+            name = name[len(client.name) + 1:]
+        check_name(name)
+        if client.upstream.library_prefix and "/" not in name:
+            name = "library/" + name
+        return name
+
+
+def content_length(request: Request) -> int | None:
+    value = request.headers.get("content-length")
+    if value is None:
+        return None
+    if not value.isdigit() or len(value) > 18:
+        raise errors.SizeInvalid(f"bad Content-Length {value[:30]!r}")
+    return int(value)
+
+
+def answer(result: Forwarded) -> Response:
+    return Response(result.body, status_code=result.status,
+                    headers={**API_VERSION, **result.headers})

@@ -1,0 +1,402 @@
+"""Pushes: the upload protocol forwarded to the upstream, with the time and size limits.
+
+Each upload session the upstream opens gets an id of ours (random, unguessable); the
+client only ever sees `/v2/<name>/blobs/uploads/<id>`, which maps to that one upstream
+session and nothing else. Sessions live in a small diskcache so every worker knows them.
+Bodies stream through (never whole in memory) and are teed into `tmp/`, so a pushed blob
+whose digest checks out enters the cache (the first pull after a push is a hit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import logging
+import os
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urljoin
+
+import diskcache
+import httpx
+
+from mirror import errors
+from mirror.reference import Digest
+from mirror.store import CHUNK, Store
+from mirror.tokens import Credential
+from mirror.upstream import UpstreamClient, upstream_error
+
+log = logging.getLogger("mirror.uploads")
+MAX_MANIFEST = 4 * 1024 * 1024
+EXPIRED_KEPT = 3600.0  # how long a timed-out session's id still explains itself
+
+
+class UploadInvalid(errors.RegistryError):
+    code, status = "BLOB_UPLOAD_INVALID", 400
+
+
+class TooLarge(errors.SizeInvalid):
+    status = 413
+
+
+class ManifestTooLarge(errors.ManifestInvalid):
+    status = 413
+
+
+@dataclass(frozen=True)
+class Session:
+    id: str
+    upstream: str
+    repo: str
+    location: str  # the upstream's absolute URL of this upload
+    started: float  # time.time() of the POST
+    offset: int = 0  # bytes the upstream acknowledged
+    expired: bool = False
+
+
+@dataclass(frozen=True)
+class Forwarded:
+    """What to answer the client: status and headers (Location already ours)."""
+
+    status: int
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+
+
+class Uploads:
+    def __init__(
+        self, directory: Path, store: Store, timeout: float, max_size: int
+    ) -> None:
+        self.sessions = diskcache.Cache(str(directory), eviction_policy="none")
+        self.store = store
+        self.timeout = timeout
+        self.max_size = max_size
+        self._hashers: dict[str, tuple[int, Any]] = {}  # id -> (offset, sha256) in this process
+        self._credentials: dict[str, Credential] = {}
+        self.outcomes: dict[str, int] = {}
+
+    def close(self) -> None:
+        self.sessions.close()
+
+    # -- sessions ------------------------------------------------------------------------
+
+    async def get(
+        self, client: UpstreamClient, session_id: str, repo: str, credential: Credential
+    ) -> Session:
+        """The session behind one of our upload URLs, if it is this repository's and alive."""
+        value = self.sessions.get(session_id) if len(session_id) == 32 else None
+        if not isinstance(value, dict) or (value["upstream"], value["repo"]) != (
+                client.name, repo):
+            raise errors.BlobUploadUnknown("no such upload session")
+        session = Session(**value)
+        self._credentials[session.id] = credential  # in memory only, to cancel it in time
+        if not session.expired and time.time() - session.started > self.timeout:
+            await self._expire(client, session, credential)
+        if session.expired or time.time() - session.started > self.timeout:
+            raise self._too_late()
+        return session
+
+    def _too_late(self) -> UploadInvalid:
+        return UploadInvalid(
+            f"upload exceeded the time limit of {self.timeout:g} s and was cancelled")
+
+    async def _expire(
+        self, client: UpstreamClient, session: Session, credential: Credential | None
+    ) -> None:
+        self._count("timeout")
+        with contextlib.suppress(errors.RegistryError):
+            await client.send("DELETE", session.location, repo=session.repo,
+                              credential=credential, actions="pull,push")
+        self._discard(session)
+        self._save(replace(session, expired=True))
+
+    async def sweep(self, clients: dict[str, UpstreamClient]) -> None:
+        """Cancel, upstream, the sessions this process served that ran out of time."""
+        for session_id, credential in list(self._credentials.items()):
+            value = self.sessions.get(session_id)
+            if not isinstance(value, dict):
+                self._credentials.pop(session_id, None)
+                continue
+            session = Session(**value)
+            if session.expired:
+                self._credentials.pop(session_id, None)
+            elif time.time() - session.started > self.timeout:
+                self._credentials.pop(session_id, None)
+                await self._expire(clients[session.upstream], session, credential)
+
+    def _save(self, session: Session) -> None:
+        self.sessions.set(session.id, dataclasses.asdict(session),
+                          expire=self.timeout + EXPIRED_KEPT)
+
+    def _ours(self, session: Session, name: str) -> dict[str, str]:
+        return {"Location": f"/v2/{name}/blobs/uploads/{session.id}",
+                "Docker-Upload-UUID": session.id}
+
+    def _deadline(self, session: Session) -> float:
+        """The session's deadline on the event loop's clock."""
+        remaining = session.started + self.timeout - time.time()
+        return asyncio.get_running_loop().time() + max(remaining, 0.0)
+
+    # -- the protocol ----------------------------------------------------------------------
+
+    async def start(
+        self, client: UpstreamClient, repo: str, name: str, credential: Credential,
+        query: dict[str, str], body: AsyncIterator[bytes], length: int | None,
+    ) -> Forwarded:
+        """POST: open a session (or a monolithic upload with `digest`, or a mount)."""
+        self._check_declared(length, 0)
+        started = time.time()
+        path = f"/v2/{repo}/blobs/uploads/"
+        params = {k: v for k, v in query.items() if k in ("digest", "mount", "from")}
+        streamed = "digest" in params and length
+        response = await self._send(
+            client, "POST", path, repo, credential, params=params,
+            body=self._limited(body, 0, None) if streamed else None, length=length,
+            deadline=asyncio.get_running_loop().time() + self.timeout)
+        if response.status_code == 201:
+            self._count("ok")
+            digest = response.headers.get("docker-content-digest", params.get("digest", ""))
+            return Forwarded(201, {"Location": f"/v2/{name}/blobs/{digest}",
+                                   "Docker-Content-Digest": digest})
+        if response.status_code != 202:
+            raise upstream_error(response, client.name, errors.NameUnknown,
+                                 f"upload to {repo}", response.content)
+        location = urljoin(client.upstream.url + path, response.headers.get("location", ""))
+        session = Session(secrets.token_hex(16), client.name, repo, location, started)
+        self._save(session)
+        self._credentials[session.id] = credential
+        return Forwarded(202, {**self._ours(session, name), "Range": "0-0",
+                               "Content-Length": "0"})
+
+    async def patch(
+        self, client: UpstreamClient, session: Session, name: str, credential: Credential,
+        body: AsyncIterator[bytes], length: int | None, content_range: str | None,
+    ) -> Forwarded:
+        start = session.offset
+        if content_range:
+            first = content_range.split("-")[0].strip()
+            if not first.isdigit() or int(first) != session.offset:
+                return Forwarded(416, {**self._ours(session, name),
+                                       "Range": f"0-{max(session.offset - 1, 0)}"})
+        self._check_declared(length, start)
+        response = await self._send(
+            client, "PATCH", session.location, session.repo, credential,
+            body=self._limited(body, start, session), length=length,
+            deadline=self._deadline(session),
+            headers={"Content-Range": content_range} if content_range else None,
+            session=session)
+        if response.status_code != 202:
+            raise upstream_error(response, client.name, errors.BlobUploadUnknown,
+                                 f"upload to {session.repo}", response.content)
+        session = self._advance(session, response)
+        return Forwarded(202, {**self._ours(session, name),
+                               "Range": response.headers.get("range", f"0-{session.offset - 1}"),
+                               "Content-Length": "0"})
+
+    async def finish(
+        self, client: UpstreamClient, session: Session, name: str, credential: Credential,
+        digest: Digest, body: AsyncIterator[bytes], length: int | None,
+    ) -> Forwarded:
+        self._check_declared(length, session.offset)
+        url = str(httpx.URL(session.location).copy_merge_params({"digest": str(digest)}))
+        response = await self._send(
+            client, "PUT", url, session.repo, credential,
+            body=self._limited(body, session.offset, session) if length else None,
+            length=length, deadline=self._deadline(session), session=session)
+        if response.status_code != 201:
+            self._discard(session)
+            raise upstream_error(response, client.name, errors.BlobUploadUnknown,
+                                 f"upload to {session.repo}", response.content)
+        self.sessions.delete(session.id)
+        self._credentials.pop(session.id, None)
+        self._count("ok")
+        await self._keep(session, digest)
+        return Forwarded(201, {"Location": f"/v2/{name}/blobs/{digest}",
+                               "Docker-Content-Digest": str(digest), "Content-Length": "0"})
+
+    async def status(
+        self, client: UpstreamClient, session: Session, name: str, credential: Credential
+    ) -> Forwarded:
+        response = await client.send("GET", session.location, repo=session.repo,
+                                     credential=credential, actions="pull,push")
+        if response.status_code not in (200, 204):
+            raise upstream_error(response, client.name, errors.BlobUploadUnknown,
+                                 f"upload to {session.repo}", response.content)
+        return Forwarded(204, {**self._ours(session, name),
+                               "Range": response.headers.get("range", "0-0")})
+
+    async def cancel(
+        self, client: UpstreamClient, session: Session, credential: Credential | None
+    ) -> Forwarded:
+        with contextlib.suppress(errors.RegistryError):
+            await client.send("DELETE", session.location, repo=session.repo,
+                              credential=credential, actions="pull,push")
+        self._discard(session)
+        self.sessions.delete(session.id)
+        self._credentials.pop(session.id, None)
+        return Forwarded(204)
+
+    # -- limits --------------------------------------------------------------------------
+
+    def _check_declared(self, length: int | None, offset: int) -> None:
+        if length is not None and offset + length > self.max_size:
+            self._count("too_large")
+            raise TooLarge(f"layer larger than the limit of {self.max_size} bytes")
+
+    async def _limited(
+        self, body: AsyncIterator[bytes], offset: int, session: Session | None
+    ) -> AsyncIterator[bytes]:
+        """The client's body, cut off past the size limit, teed into the cache's tmp/."""
+        total = offset
+        tee = self._tee(session, offset) if session else None
+        async for chunk in body:
+            total += len(chunk)
+            if total > self.max_size:
+                self._count("too_large")
+                raise TooLarge(f"layer larger than the limit of {self.max_size} bytes")
+            if tee is not None:
+                await tee.write(chunk)
+            yield chunk
+        if tee is not None:
+            await tee.flush()
+
+    async def _send(
+        self, client: UpstreamClient, method: str, url: str, repo: str,
+        credential: Credential, *, deadline: float, params: dict[str, str] | None = None,
+        body: AsyncIterator[bytes] | None = None, length: int | None = None,
+        headers: dict[str, str] | None = None, session: Session | None = None,
+    ) -> httpx.Response:
+        # A mount reads the source repository too.
+        extra = f"repository:{params['from']}:pull" if params and "from" in params else ""
+        request_headers = dict(headers or {})
+        if body is not None:
+            request_headers["Content-Type"] = "application/octet-stream"
+            if length is not None:
+                request_headers["Content-Length"] = str(length)
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await client.send(
+                    method, url, repo=repo, params=params, headers=request_headers,
+                    credential=credential, actions="pull,push", content=body,
+                    extra_scope=extra)
+        except TimeoutError:
+            if session is not None:
+                await self._expire(client, session, credential)
+            else:
+                self._count("timeout")
+            raise self._too_late() from None
+        except TooLarge:
+            if session is not None:
+                await self.cancel(client, session, credential)
+            raise
+        except errors.UpstreamError as exc:
+            if isinstance(exc.__cause__, TooLarge):
+                if session is not None:
+                    await self.cancel(client, session, credential)
+                raise exc.__cause__ from None
+            self._count("error")
+            raise
+
+    def _advance(self, session: Session, response: httpx.Response) -> Session:
+        end = response.headers.get("range", "").rpartition("-")[2]
+        offset = int(end) + 1 if end.isdigit() else session.offset
+        location = response.headers.get("location")
+        session = replace(session, offset=offset, location=urljoin(session.location, location)
+                          if location else session.location)
+        self._save(session)
+        return session
+
+    def _count(self, outcome: str) -> None:
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+
+    # -- write-through ---------------------------------------------------------------------
+
+    def _partial(self, session: Session) -> Path:
+        return self.store.tmp / f"upload-{session.id}.part"
+
+    def _tee(self, session: Session, offset: int) -> _Tee:
+        return _Tee(self._partial(session), offset, self._hashers, session.id)
+
+    def _discard(self, session: Session) -> None:
+        self._hashers.pop(session.id, None)
+        with contextlib.suppress(FileNotFoundError):
+            self._partial(session).unlink()
+
+    async def _keep(self, session: Session, digest: Digest) -> None:
+        """Commit what streamed through if it is exactly the blob the upstream accepted."""
+        partial = self._partial(session)
+        state = self._hashers.pop(session.id, None)
+        try:
+            size = partial.stat().st_size
+        except FileNotFoundError:
+            return
+        if state is not None and state[0] == size and digest.algorithm == "sha256":
+            actual = state[1].hexdigest()
+        else:  # chunks went through several workers: hash the file itself
+            actual = await asyncio.to_thread(_hash_file, partial, digest.algorithm)
+        if actual == digest.hex and not self.store.has(digest):
+            self.store.commit(digest, partial)
+        else:
+            partial.unlink(missing_ok=True)
+
+
+class _Tee:
+    """Writes a session's bytes at their offset, in MiB batches, hashing when in order."""
+
+    def __init__(self, path: Path, offset: int, hashers: dict[str, tuple[int, Any]],
+                 key: str) -> None:
+        self.path, self.offset, self.hashers, self.key = path, offset, hashers, key
+        self.buffer = bytearray()
+
+    async def write(self, chunk: bytes) -> None:
+        self.buffer += chunk
+        if len(self.buffer) >= CHUNK:
+            await self.flush()
+
+    async def flush(self) -> None:
+        if not self.buffer:
+            return
+        data, offset = bytes(self.buffer), self.offset
+        self.buffer.clear()
+        self.offset += len(data)
+        state = self.hashers.get(self.key)
+        if offset == 0:
+            state = (0, hashlib.sha256())
+        if state is not None and state[0] == offset:
+            state[1].update(data)
+            self.hashers[self.key] = (offset + len(data), state[1])
+        else:
+            self.hashers.pop(self.key, None)
+        await asyncio.to_thread(_write_at, self.path, offset, data)
+
+
+def _write_at(path: Path, offset: int, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.pwrite(fd, data, offset)
+    finally:
+        os.close(fd)
+
+
+def _hash_file(path: Path, algorithm: str) -> str:
+    hasher = hashlib.new(algorithm)
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK):
+            hasher.update(chunk)
+    return hasher.hexdigest()
+
+
+async def read_manifest(body: AsyncIterator[bytes]) -> bytes:
+    """A pushed manifest, refused past 4 MiB without reading further."""
+    data = bytearray()
+    async for chunk in body:
+        data += chunk
+        if len(data) > MAX_MANIFEST:
+            raise ManifestTooLarge("manifest larger than 4 MiB")
+    return bytes(data)

@@ -1,0 +1,293 @@
+"""Pushes through the mirror to the real upstream, with the upload limits enforced."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import StartMirror
+from support.daemons import DockerdFactory, require
+from support.images import inspect_raw, skopeo
+from support.registry import Upstream
+from support.tcpcount import CountingProxy
+
+ALICE = "alice:alicepw"
+ACCEPT = ", ".join([
+    "application/vnd.oci.image.index.v1+json", "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.docker.distribution.manifest.v2+json"])
+
+
+def bearer(mirror_url: str, repo: str, *also: str) -> dict[str, str]:
+    """A token from the mirror's realm for alice, as a client would get for a push."""
+    basic = base64.b64encode(b"alice:alicepw").decode()
+    scopes = [f"repository:{repo}:pull,push,delete", *also]
+    response = httpx.get(f"{mirror_url}/token", headers={"Authorization": f"Basic {basic}"},
+                         params={"service": "docker.io", "scope": scopes})
+    assert response.status_code == 200, response.text
+    return {"Authorization": f"Bearer {response.json()['token']}"}
+
+
+def copy(src: str, dest: str, *extra: str) -> None:
+    skopeo("copy", "--src-tls-verify=false", "--dest-tls-verify=false", "--preserve-digests",
+           *extra, src, dest)
+
+
+def test_skopeo_pushes_an_image_and_an_index_with_identical_digests(
+    upstream: Upstream, start_mirror: StartMirror
+) -> None:
+    mirror = start_mirror()
+    for ref, target in (("test/oci-single:1.0", "team/single:1"),
+                        ("test/oci-index:1.0", "team/index:1")):
+        image = upstream.images[ref]
+        copy(f"docker://{upstream.host}/{ref}", f"docker://{mirror.host}/{target}",
+             "--all", "--dest-creds", ALICE)
+        raw = inspect_raw(f"{upstream.host}/{target}")
+        assert "sha256:" + hashlib.sha256(raw).hexdigest() == image.digest
+    # Write-through: what streamed up is a cache hit for the next pull.
+    mark = upstream.registry.mark()
+    image = upstream.images["test/oci-single:1.0"]
+    with httpx.Client(base_url=mirror.url, headers=bearer(mirror.url, "team/single")) as c:
+        for digest, _ in image.blobs:
+            got = c.get(f"/v2/team/single/blobs/{digest}")
+            assert got.status_code == 200
+            assert got.content == image.read_blob(digest)
+    assert [r for r in upstream.registry.requests(since=mark) if r.is_blob_get] == []
+
+
+def test_chunked_upload_with_content_range_and_out_of_order_chunks(
+    upstream: Upstream, start_mirror: StartMirror
+) -> None:
+    mirror = start_mirror(workers=2)  # chunks may land on either worker
+    data = os.urandom(3 * 1024 * 1024 + 5)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    parts = [data[i:i + 1024 * 1024] for i in range(0, len(data), 1024 * 1024)]
+    auth = bearer(mirror.url, "team/chunked")
+    with httpx.Client(base_url=mirror.url, headers=auth, timeout=60) as client:
+        start = client.post("/v2/team/chunked/blobs/uploads/")
+        assert start.status_code == 202
+        location = start.headers["location"]
+        assert location.startswith("/v2/team/chunked/blobs/uploads/")
+        assert upstream.host not in location
+        offset = 0
+        for part in parts:
+            response = client.patch(location, content=part, headers={
+                "Content-Range": f"{offset}-{offset + len(part) - 1}",
+                "Content-Type": "application/octet-stream"})
+            assert response.status_code == 202, response.text
+            assert response.headers["range"] == f"0-{offset + len(part) - 1}"
+            location = response.headers["location"]
+            offset += len(part)
+        wrong = client.patch(location, content=b"xx", headers={"Content-Range": "5-6"})
+        assert wrong.status_code == 416
+        status = client.get(location)
+        assert status.status_code == 204
+        assert status.headers["range"] == f"0-{len(data) - 1}"
+        done = client.put(location, params={"digest": digest})
+        assert done.status_code == 201, done.text
+        assert done.headers["docker-content-digest"] == digest
+        # An upload URL reaches only its own session: not another repository's, not others.
+        again = client.patch(location.replace("team/chunked", "team/other"), content=b"x")
+        assert again.status_code in (401, 404)
+        bogus = client.patch("/v2/team/chunked/blobs/uploads/" + "0" * 32, content=b"x")
+        assert bogus.status_code == 404
+        assert bogus.json()["errors"][0]["code"] == "BLOB_UPLOAD_UNKNOWN"
+    token = upstream.issuer.issue("alice", "upstream-registry",
+                                  ["repository:team/chunked:pull"])["token"]
+    direct = httpx.get(f"{upstream.url}/v2/team/chunked/blobs/{digest}",
+                       headers={"Authorization": f"Bearer {token}"})
+    assert direct.content == data
+
+
+def test_cross_repository_mount_and_monolithic_upload(
+    upstream: Upstream, start_mirror: StartMirror
+) -> None:
+    mirror = start_mirror()
+    image = upstream.images["test/oci-single:1.0"]
+    digest, _ = image.blobs[0]
+    auth = bearer(mirror.url, "team/mounted", f"repository:{image.repo}:pull")
+    with httpx.Client(base_url=mirror.url, headers=auth) as client:
+        mounted = client.post("/v2/team/mounted/blobs/uploads/",
+                              params={"mount": digest, "from": image.repo})
+        assert mounted.status_code in (201, 202), mounted.text
+        if mounted.status_code == 201:
+            assert mounted.headers["location"] == f"/v2/team/mounted/blobs/{digest}"
+        data = b"monolithic blob"
+        small = "sha256:" + hashlib.sha256(data).hexdigest()
+        mono = client.post("/v2/team/mounted/blobs/uploads/", params={"digest": small},
+                           content=data, headers={"Content-Type": "application/octet-stream"})
+        if mono.status_code == 202:  # registries may decline a one-request upload (2.8 does)
+            mono = client.put(mono.headers["location"], params={"digest": small}, content=data,
+                              headers={"Content-Type": "application/octet-stream"})
+        assert mono.status_code == 201, mono.text
+        assert mono.headers["docker-content-digest"] == small
+        assert client.get(f"/v2/team/mounted/blobs/{small}").content == data
+
+
+def test_push_without_credentials_is_challenged(start_mirror: StartMirror) -> None:
+    mirror = start_mirror()
+    response = httpx.post(f"{mirror.url}/v2/team/app/blobs/uploads/")
+    assert response.status_code == 401
+    challenge = response.headers["www-authenticate"]
+    assert f'realm="{mirror.url}/token"' in challenge
+    assert 'scope="repository:team/app:pull,push"' in challenge
+    assert response.json()["errors"][0]["code"] == "UNAUTHORIZED"
+    upper = httpx.post(f"{mirror.url}/v2/Team/App/blobs/uploads/",
+                       headers=bearer(mirror.url, "team/app"))
+    assert upper.status_code == 400
+    error = upper.json()["errors"][0]
+    assert error["code"] == "NAME_INVALID"
+    assert "lowercase" in error["message"]
+
+
+def test_idle_and_stalled_uploads_are_cut_off_at_the_time_limit(
+    upstream: Upstream, start_mirror: StartMirror
+) -> None:
+    mirror = start_mirror(args=["--upload-timeout", "2"])
+    auth = bearer(mirror.url, "team/slow")
+    with httpx.Client(base_url=mirror.url, headers=auth, timeout=30) as client:
+        location = client.post("/v2/team/slow/blobs/uploads/").headers["location"]
+        mark = upstream.registry.mark()
+        time.sleep(2.5)
+        late = client.patch(location, content=b"too late")
+        assert late.status_code == 400
+        error = late.json()["errors"][0]
+        assert error["code"] == "BLOB_UPLOAD_INVALID"
+        assert "time limit" in error["message"]
+        assert any(r.method == "DELETE" for r in upstream.registry.requests(since=mark))
+
+        location = client.post("/v2/team/slow/blobs/uploads/").headers["location"]
+
+        def stalling() -> Iterator[bytes]:
+            yield b"a" * 65536
+            time.sleep(3)
+            yield b"b" * 65536
+
+        began = time.monotonic()
+        try:
+            stalled = client.patch(location, content=stalling())
+            assert stalled.status_code == 400
+            assert "time limit" in stalled.json()["errors"][0]["message"]
+        except httpx.HTTPError:
+            pass  # cut off mid-body: also an acceptable way to say no
+        assert time.monotonic() - began < 10
+
+
+def test_layer_over_the_limit_is_refused_early(
+    upstream: Upstream, start_mirror: StartMirror
+) -> None:
+    host, port = upstream.host.split(":")
+    proxy = CountingProxy(host, int(port))
+    try:
+        mirror = start_mirror(upstreams=[("docker.io", proxy.url)],
+                              args=["--max-layer-size", "1MiB"])
+        auth = bearer(mirror.url, "team/big")
+        size = 64 * 1024 * 1024
+        with httpx.Client(base_url=mirror.url, headers=auth, timeout=60) as client:
+            location = client.post("/v2/team/big/blobs/uploads/").headers["location"]
+            before = proxy.upstream_bytes
+            declared = client.patch(location, content=b"x" * 2 * 1024 * 1024)
+            assert declared.status_code == 413
+            assert declared.json()["errors"][0]["code"] == "SIZE_INVALID"
+            assert proxy.upstream_bytes - before < 64 * 1024
+
+            location = client.post("/v2/team/big/blobs/uploads/").headers["location"]
+            before = proxy.upstream_bytes
+
+            def endless() -> Iterator[bytes]:  # no Content-Length: counted as it streams
+                chunk = os.urandom(256 * 1024)
+                for _ in range(size // len(chunk)):
+                    yield chunk
+
+            try:
+                streamed = client.patch(location, content=endless())
+                assert streamed.status_code == 413
+                assert streamed.json()["errors"][0]["code"] == "SIZE_INVALID"
+            except httpx.HTTPError:
+                pass  # the mirror may close the connection on a body it refused
+            assert proxy.upstream_bytes - before < 4 * 1024 * 1024  # far below 64 MiB
+
+            big = {"schemaVersion": 2, "padding": "x" * (4 * 1024 * 1024)}
+            manifest = client.put("/v2/team/big/manifests/1", content=json.dumps(big),
+                                  headers={"Content-Type":
+                                           "application/vnd.oci.image.manifest.v1+json"})
+            assert manifest.status_code == 413
+            assert manifest.json()["errors"][0]["code"] == "MANIFEST_INVALID"
+    finally:
+        proxy.close()
+
+
+@pytest.fixture
+def pushed_twice(upstream: Upstream) -> tuple[str, str]:
+    """Two different manifests (digests) that will be pushed to one tag in turn."""
+    return (upstream.images["library/small:latest"].digest,
+            upstream.images["test/docker-v2s2:1.0"].digest)
+
+
+def test_a_pushed_manifest_is_seen_by_the_next_pull(
+    upstream: Upstream, start_mirror: StartMirror, pushed_twice: tuple[str, str]
+) -> None:
+    mirror = start_mirror(workers=2, args=["--tag-ttl", "300"])
+    first, second = pushed_twice
+    copy(f"docker://{upstream.host}/library/small:latest",
+         f"docker://{mirror.host}/team/moving:1", "--dest-creds", ALICE)
+    url = f"{mirror.url}/v2/team/moving/manifests/1"
+    for _ in range(6):  # remembered by both workers
+        assert httpx.get(url, headers={"Accept": ACCEPT}).headers[
+            "docker-content-digest"] == first
+    copy(f"docker://{upstream.host}/test/docker-v2s2:1.0",
+         f"docker://{mirror.host}/team/moving:1", "--dest-creds", ALICE)
+    for _ in range(6):
+        assert httpx.get(url, headers={"Accept": ACCEPT}).headers[
+            "docker-content-digest"] == second
+
+
+def test_delete_goes_upstream_and_leaves_the_cache(
+    upstream: Upstream, start_mirror: StartMirror
+) -> None:
+    mirror = start_mirror()
+    copy(f"docker://{upstream.host}/library/small:latest",
+         f"docker://{mirror.host}/team/gone:1", "--dest-creds", ALICE)
+    image = upstream.images["library/small:latest"]
+    auth = bearer(mirror.url, "team/gone")
+    with httpx.Client(base_url=mirror.url, headers={**auth, "Accept": ACCEPT}) as client:
+        assert client.get(f"/v2/team/gone/manifests/{image.digest}").status_code == 200
+        deleted = client.delete(f"/v2/team/gone/manifests/{image.digest}")
+        assert deleted.status_code == 202, deleted.text
+        assert client.get(f"/v2/team/gone/manifests/{image.digest}").status_code == 404
+        digest = image.blobs[0][0]
+        assert client.delete(f"/v2/team/gone/blobs/{digest}").status_code == 202
+        assert client.get(f"/v2/team/gone/blobs/{digest}").status_code == 404
+
+
+def test_docker_logs_in_to_the_mirror_and_pushes_through_it(
+    upstream: Upstream, start_mirror: StartMirror, dockerd_factory: DockerdFactory,
+    tmp_path: Path,
+) -> None:
+    require("dockerd", "docker")
+    mirror = start_mirror()
+    daemon = dockerd_factory(None, insecure_registries=[mirror.host])
+    config = tmp_path / "docker-config"
+    config.mkdir()
+    pulled = daemon.pull(f"{mirror.host}/library/small:latest", docker_config_dir=config)
+    assert pulled.returncode == 0, pulled.stderr
+    target = f"{mirror.host}/team/from-docker:1"
+    assert daemon.tag(f"{mirror.host}/library/small:latest", target).returncode == 0
+    refused = daemon.push(target, docker_config_dir=config)
+    assert refused.returncode != 0
+    wrong = daemon.login(mirror.host, "alice", "wrong", docker_config_dir=config)
+    assert wrong.returncode != 0
+    login = daemon.login(mirror.host, "alice", "alicepw", docker_config_dir=config)
+    assert login.returncode == 0, login.stderr
+    pushed = daemon.push(target, docker_config_dir=config)
+    assert pushed.returncode == 0, pushed.stderr + daemon.log()[-2000:]
+    raw = inspect_raw(f"{upstream.host}/team/from-docker:1")
+    assert json.loads(raw)["config"]["digest"] == json.loads(
+        inspect_raw(f"{upstream.host}/library/small:latest"))["config"]["digest"]
