@@ -17,7 +17,9 @@ from mirror.blobs import BlobService
 from mirror.evict import Evictor
 from mirror.fills import Fills
 from mirror.manifests import ManifestService
-from mirror.routes import Handlers, on_crash, on_http_error
+from mirror.metrics import Metrics
+from mirror.observe import Health, Observe
+from mirror.routes import Handlers
 from mirror.routes_push import PushHandlers
 from mirror.settings import RESOLVED_ENV, Settings
 from mirror.store import Store
@@ -32,19 +34,21 @@ def create_app(settings: Settings) -> Starlette:
     removed = store.cleanup_partials()
     if removed:
         log.info("removed %d partial downloads left by an earlier run", removed)
-    clients = {u.name: UpstreamClient(u, settings) for u in settings.upstreams}
+    metrics = Metrics()
+    clients = {u.name: UpstreamClient(u, settings, metrics) for u in settings.upstreams}
 
     def tag_ttl(client: UpstreamClient) -> float:
         ttl = client.upstream.tag_ttl
         return settings.tag_ttl if ttl is None else ttl
 
     fills = Fills(store, wait_timeout=settings.connect_timeout + settings.read_timeout)
-    manifests = ManifestService(store, tag_ttl)
+    manifests = ManifestService(store, tag_ttl, settings.negative_ttl, metrics)
     access = Access(store.index)
     handlers = Handlers(clients, manifests, BlobService(store, fills), access,
-                        settings.public_url)
+                        settings.public_url, metrics)
     uploads = Uploads(store.root / "uploads", store, settings.upload_timeout,
-                      settings.max_layer_size)
+                      settings.max_layer_size, metrics)
+    health = Health(metrics, store, next(iter(clients.values())), settings.offline)
     pushes = PushHandlers(handlers, uploads, manifests, access)
 
     async def sweep_uploads() -> None:
@@ -74,14 +78,17 @@ def create_app(settings: Settings) -> Starlette:
         store.close()
 
     app = Starlette(
-        routes=pushes.routes() + handlers.routes(),
+        routes=health.routes(with_metrics=not settings.metrics_listen)
+        + pushes.routes() + handlers.routes(),
         exception_handlers={
             errors.RegistryError: handlers.on_registry_error,
-            HTTPException: on_http_error,
-            Exception: on_crash,
+            HTTPException: handlers.on_http_error,
+            Exception: handlers.on_crash,
         },
         lifespan=lifespan,
     )
+    app.add_middleware(Observe, metrics=metrics, log_format=settings.access_log)
+    app.state.metrics = metrics
     app.state.settings = settings
     app.state.store = store
     app.state.fills = fills

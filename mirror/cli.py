@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
-from mirror import __version__
-from mirror.settings import RESOLVED_ENV, SettingsError, load
+from mirror import __version__, admin, airgap
+from mirror.metrics import prepare_multiprocess, serve_metrics
+from mirror.settings import RESOLVED_ENV, SettingsError, load, parse_listen
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default 0.0.0.0:5000)")
     serve.add_argument("--tag-ttl", metavar="SECONDS", help="how long a tag's digest is "
                        "trusted before asking upstream again (default 60)")
+    serve.add_argument("--negative-ttl", metavar="SECONDS", help="how long an upstream's "
+                       "'no such tag' is remembered (default 10)")
     serve.add_argument("--workers", metavar="N", help="worker processes (default 1)")
     serve.add_argument("--log-level", metavar="LEVEL", help="critical..debug (default info)")
     serve.add_argument("--max-cache-size", metavar="SIZE", help="bytes of content to keep, "
@@ -32,8 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="time an upload may take from its start (default 600)")
     serve.add_argument("--max-layer-size", metavar="BYTES",
                        help="largest layer a push may upload, e.g. 10GB (default 10GB)")
+    serve.add_argument("--access-log", metavar="FORMAT", help="plain, json or off")
+    serve.add_argument("--metrics-listen", metavar="HOST:PORT",
+                       help="serve /metrics on this address instead of the main one")
     serve.add_argument("--offline", action="store_true", default=None,
                        help="serve only from the cache; never contact an upstream")
+    admin.add_parser(commands)
+    airgap.add_parsers(commands)
     return parser
 
 
@@ -51,6 +60,10 @@ def flags_of(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "cache":
+        return admin.run(args)
+    if args.command in airgap.COMMANDS:
+        return airgap.run(args)
     try:
         settings = load(flags_of(args))
     except SettingsError as exc:
@@ -72,9 +85,14 @@ def serve(settings: Any) -> int:
               f"{exc.strerror}", file=sys.stderr)
         return 2
     os.environ[RESOLVED_ENV] = settings.to_json()
-    uvicorn.run(
-        "mirror.app:app_from_env", factory=True, host=host, port=port,
-        workers=settings.workers if settings.workers > 1 else None,
-        loop="uvloop", http="httptools", access_log=False, log_level=settings.log_level,
-        timeout_graceful_shutdown=5)
+    # Every worker writes its samples here; /metrics sums them (set before they start).
+    with tempfile.TemporaryDirectory(prefix="mirror-metrics-") as samples:
+        prepare_multiprocess(samples)
+        if settings.metrics_listen:
+            serve_metrics(*parse_listen(settings.metrics_listen))
+        uvicorn.run(
+            "mirror.app:app_from_env", factory=True, host=host, port=port,
+            workers=settings.workers if settings.workers > 1 else None,
+            loop="uvloop", http="httptools", access_log=False, log_level=settings.log_level,
+            timeout_graceful_shutdown=5)
     return 0

@@ -22,6 +22,7 @@ from mirror import errors
 from mirror.fills import exclusive
 from mirror.flight import SingleFlight
 from mirror.index import AcceptKey
+from mirror.metrics import Metrics
 from mirror.reference import Digest, parse_digest
 from mirror.store import Store
 from mirror.tokens import ANONYMOUS, Credential
@@ -77,9 +78,16 @@ def media_type_of(data: bytes, content_type: str | None) -> str:
 
 
 class ManifestService:
-    def __init__(self, store: Store, tag_ttl: Callable[[UpstreamClient], float]) -> None:
+    def __init__(
+        self, store: Store, tag_ttl: Callable[[UpstreamClient], float],
+        negative_ttl: float = 10.0, metrics: Metrics | None = None,
+    ) -> None:
         self.store = store
         self.tag_ttl = tag_ttl
+        self.negative_ttl = negative_ttl
+        self.metrics = metrics
+        self._missing: cachetools.TTLCache[tuple[object, ...], errors.RegistryError] = (
+            cachetools.TTLCache(10_000, negative_ttl or 1))
         self._tags: dict[str, cachetools.TTLCache[tuple[str, str, AcceptKey], ManifestInfo]] = {}
         self._hot: cachetools.LRUCache[Digest, Manifest] = cachetools.LRUCache(
             HOT_BYTES, getsizeof=lambda m: len(m.data) + 200)
@@ -110,11 +118,21 @@ class ManifestService:
         key = (repo, tag, accept)
         info = cache.get(key)
         if info is not None and (not proof or info.anonymous):
+            self._lookup("tag", "hit")
             return info
+        missing = self._missing.get((client.name, *key))
+        if missing is not None:
+            self._lookup("tag", "negative")
+            raise missing
         try:
             info = await self._flight.do(
                 ("tag", client.name, *key, anonymous),
                 lambda: self._resolve_shared(client, repo, tag, accept, credential, proof))
+        except (errors.ManifestUnknown, errors.NameUnknown) as exc:
+            # Remembered briefly: a storm of pulls of a missing tag is no storm upstream.
+            if self.negative_ttl > 0:
+                self._missing[(client.name, *key)] = exc
+            raise
         except (errors.UpstreamError, errors.Unavailable, errors.TooManyRequests):
             index = self.store.index
             record = index.tag(client.name, repo, tag, accept) or index.tag(
@@ -122,10 +140,15 @@ class ManifestService:
             if record is None or (proof and not index.public(client.name, repo)):
                 raise
             # The upstream is down or refusing us: the last answer we had beats none.
+            self._lookup("tag", "stale")
             return ManifestInfo(parse_digest(record.digest), record.media_type, record.size,
                                 stale=True)
         cache[key] = info
         return info
+
+    def _lookup(self, kind: str, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.lookups.labels(kind, result).inc()
 
     def _tag_cache(
         self, client: UpstreamClient
@@ -166,6 +189,7 @@ class ManifestService:
         self, client: UpstreamClient, repo: str, tag: str, accept: AcceptKey,
         credential: Credential | None,
     ) -> ManifestInfo:
+        self._lookup("tag", "miss")
         anonymous = credential is ANONYMOUS or (credential is None and client.basic is None)
         headers = {"Accept": ", ".join(accept)} if accept else {}
         path = f"/v2/{repo}/manifests/{tag}"
@@ -241,10 +265,12 @@ class ManifestService:
         manifest = self._hot.get(digest)
         if manifest is not None:
             self.store.recency.touch(digest)
+            self._lookup("manifest", "hit")
             return manifest
         data = self.store.read(digest)
         if data is None:
             return None
+        self._lookup("manifest", "hit")
         self.store.recency.touch(digest)
         media_type = self.store.index.media_type(str(digest)) or media_type_of(data, None)
         manifest = Manifest(ManifestInfo(digest, media_type, len(data)), data)
@@ -288,6 +314,8 @@ class ManifestService:
         credential: Credential | None,
     ) -> Manifest:
         """GET a manifest, check it, store it by the digest of its exact bytes."""
+        if expected is not None:
+            self._lookup("manifest", "miss")
         what = f"manifest {repo}@{reference}" if expected else f"manifest {repo}:{reference}"
         response = await client.send(
             "GET", f"/v2/{repo}/manifests/{reference}", repo=repo,

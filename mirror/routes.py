@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from urllib.parse import parse_qsl
 
 from starlette.exceptions import HTTPException
@@ -26,6 +26,7 @@ from mirror.auth import (
 )
 from mirror.blobs import BlobService
 from mirror.manifests import ManifestInfo, ManifestService, accept_key
+from mirror.metrics import Metrics
 from mirror.ranges import parse_range
 from mirror.reference import Digest, check_name, check_reference, parse_digest
 from mirror.settings import DOCKER_HUB
@@ -44,18 +45,6 @@ def error_response(exc: errors.RegistryError) -> Response:
         headers={**API_VERSION, **exc.headers})
 
 
-async def on_http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    if exc.status_code == 405:
-        return error_response(errors.Unsupported(f"{request.method} is not supported here"))
-    return error_response(errors.NotFound(f"no such endpoint: {request.url.path[:200]}"))
-
-
-async def on_crash(request: Request, exc: Exception) -> Response:
-    log.exception("internal error on %s %s", request.method, request.url.path)
-    return error_response(errors.RegistryError("internal error"))
-
-
 class Handlers:
     def __init__(
         self,
@@ -64,7 +53,9 @@ class Handlers:
         blobs: BlobService,
         access: Access,
         public_url: str = "",
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics
         self.clients = clients
         self.default = next(iter(clients.values()))
         self.manifests = manifests
@@ -127,6 +118,12 @@ class Handlers:
 
     async def on_registry_error(self, request: Request, exc: Exception) -> Response:
         assert isinstance(exc, errors.RegistryError)
+        if self.metrics is not None:
+            self.metrics.errors.labels(exc.code).inc()
+            if exc.status in (401, 403):
+                self.metrics.denials.labels(exc.code.lower()).inc()
+            if exc.status == 401:
+                self.metrics.challenges.inc()
         if exc.status == 401 and "WWW-Authenticate" not in exc.headers:
             client, repo = getattr(request.state, "target", (self.default, ""))
             shown = request.path_params.get("name", "")
@@ -135,6 +132,18 @@ class Handlers:
             exc.headers["WWW-Authenticate"] = challenge_header(
                 self.realm(request), client, scope, repo)
         return error_response(exc)
+
+    async def on_http_error(self, request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        error: errors.RegistryError = errors.NotFound(
+            f"no such endpoint: {request.url.path[:200]}")
+        if exc.status_code == 405:
+            error = errors.Unsupported(f"{request.method} is not supported here")
+        return await self.on_registry_error(request, error)
+
+    async def on_crash(self, request: Request, exc: Exception) -> Response:
+        log.exception("internal error on %s %s", request.method, request.url.path)
+        return await self.on_registry_error(request, errors.RegistryError("internal error"))
 
     # -- auth ----------------------------------------------------------------------------
 
@@ -186,6 +195,10 @@ class Handlers:
             try:
                 info = await self.manifests.resolve(
                     client, repo, reference, accept, caller.credential or ANONYMOUS, proof=True)
+            except (errors.ManifestUnknown, errors.NameUnknown):
+                # The upstream checks access before existence: a 404 means it let us look.
+                self.access.grant(client, repo, caller)
+                raise
             except errors.RegistryError as exc:
                 raise self.access.refused(client, repo, caller, exc) from exc
             self.access.grant(client, repo, caller)
@@ -207,6 +220,7 @@ class Handlers:
             size = await self.blobs.size(client, repo, digest, caller.credential)
             return Response(b"", headers={**headers, "Content-Length": str(size)})
         reader = await self.blobs.open(client, repo, digest, caller.credential)
+        request.state.cache = "hit" if reader.source == "cache" else "miss"
         status, start, end = 200, 0, reader.size
         if reader.size is not None:
             try:
@@ -219,7 +233,19 @@ class Handlers:
                 headers["Content-Range"] = f"bytes {start}-{end - 1}/{reader.size}"
             assert end is not None
             headers["Content-Length"] = str(end - start)
-        return StreamingResponse(reader.chunks(start, end), status_code=status, headers=headers)
+        return StreamingResponse(self._counted(reader.chunks(start, end), reader.source),
+                                 status_code=status, headers=headers)
+
+    async def _counted(self, chunks: AsyncIterator[bytes], source: str) -> AsyncIterator[bytes]:
+        """Blob bytes as they go out, counted by where they came from."""
+        if self.metrics is None:
+            async for chunk in chunks:
+                yield chunk
+            return
+        counter = self.metrics.served_bytes.labels(source)
+        async for chunk in chunks:
+            counter.inc(len(chunk))
+            yield chunk
 
     async def tags(self, request: Request) -> Response:
         client, repo = self.target(request)

@@ -54,6 +54,8 @@ class Settings:
     upstreams: tuple[Upstream, ...] = (Upstream(DOCKER_HUB, DOCKER_HUB_URL, library_prefix=True),)
     cache_dir: Path = field(default_factory=lambda: default_cache_dir())
     tag_ttl: float = 60.0
+    # How long an upstream "no such tag" is remembered.
+    negative_ttl: float = 10.0
     workers: int = 1
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
@@ -66,6 +68,10 @@ class Settings:
     # Seconds an upload session may take from its POST; larger layers are refused (bytes).
     upload_timeout: float = 600.0
     max_layer_size: int = 10 * 10**9
+    # One line per request: plain, json or off.
+    access_log: str = "plain"
+    # Serve /metrics on this HOST:PORT instead of the main address ("": the main address).
+    metrics_listen: str = ""
 
     @property
     def default_upstream(self) -> Upstream:
@@ -187,6 +193,12 @@ def _listen(name: str, value: Any) -> str:
     return str(value)
 
 
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    if str(value).lower() not in choices:
+        raise SettingsError(f"{name}: expected one of {', '.join(choices)}, got {value!r}")
+    return str(value).lower()
+
+
 def _level(name: str, value: Any) -> str:
     levels = ("critical", "error", "warning", "info", "debug", "trace")
     if str(value).lower() not in levels:
@@ -210,6 +222,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "upstreams": _upstreams,
     "cache_dir": lambda _n, v: Path(str(v)).expanduser(),
     "tag_ttl": _positive,
+    "negative_ttl": _positive,
     "workers": _workers,
     "connect_timeout": _positive,
     "read_timeout": _positive,
@@ -218,6 +231,8 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "public_url": lambda _n, v: str(v),
     "max_cache_size": _size,
     "upload_timeout": _positive,
+    "access_log": lambda n, v: _choice(n, v, ("plain", "json", "off")),
+    "metrics_listen": lambda n, v: _listen(n, v) if v else "",
     "max_layer_size": _size,
 }
 

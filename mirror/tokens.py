@@ -14,6 +14,7 @@ import httpx
 
 from mirror.errors import Unauthorized, UpstreamError, UpstreamTimeout
 from mirror.flight import SingleFlight
+from mirror.metrics import Metrics
 
 # Refresh this long before a token expires, so it never dies in flight.
 EXPIRY_MARGIN = 10.0
@@ -68,9 +69,12 @@ ANONYMOUS = Credential()
 class TokenCache:
     """Fetches and caches tokens; one fetch at a time per key in this process."""
 
-    def __init__(self, client: httpx.AsyncClient, upstream_name: str) -> None:
+    def __init__(
+        self, client: httpx.AsyncClient, upstream_name: str, metrics: Metrics | None = None
+    ) -> None:
         self._client = client
         self._name = upstream_name
+        self._metrics = metrics
         self._tokens: dict[tuple[str, ...], tuple[str, float]] = {}  # key -> (token, deadline)
         self._flight = SingleFlight()
         self.fetched = 0
@@ -141,4 +145,6 @@ class TokenCache:
             raise UpstreamError(
                 f"token service of upstream {self._name} sent no token") from exc
         self.fetched += 1
+        if self._metrics is not None:
+            self._metrics.tokens.labels(self._name).inc()
         return str(token), expires_in

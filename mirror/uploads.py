@@ -27,6 +27,7 @@ import diskcache
 import httpx
 
 from mirror import errors
+from mirror.metrics import Metrics
 from mirror.reference import Digest
 from mirror.store import CHUNK, Store
 from mirror.tokens import Credential
@@ -71,8 +72,10 @@ class Forwarded:
 
 class Uploads:
     def __init__(
-        self, directory: Path, store: Store, timeout: float, max_size: int
+        self, directory: Path, store: Store, timeout: float, max_size: int,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics
         self.sessions = diskcache.Cache(str(directory), eviction_policy="none")
         self.store = store
         self.timeout = timeout
@@ -314,6 +317,8 @@ class Uploads:
 
     def _count(self, outcome: str) -> None:
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+        if self.metrics is not None:
+            self.metrics.uploads.labels(outcome).inc()
 
     # -- write-through ---------------------------------------------------------------------
 

@@ -8,12 +8,14 @@ error answers into `RegistryError`s that name the upstream.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator
 from urllib.parse import urljoin, urlsplit
 
 import httpx
 
 from mirror import errors
+from mirror.metrics import Metrics
 from mirror.settings import Settings, Upstream
 from mirror.tokens import (
     Challenge,
@@ -27,8 +29,11 @@ MAX_REDIRECTS = 5
 
 
 class UpstreamClient:
-    def __init__(self, upstream: Upstream, settings: Settings) -> None:
+    def __init__(
+        self, upstream: Upstream, settings: Settings, metrics: Metrics | None = None
+    ) -> None:
         self.upstream = upstream
+        self.metrics = metrics
         self.name = upstream.name
         self.offline = settings.offline
         timeout = httpx.Timeout(
@@ -37,7 +42,7 @@ class UpstreamClient:
         self.http = httpx.AsyncClient(
             timeout=timeout, follow_redirects=False, trust_env=False,
             limits=httpx.Limits(max_connections=200, max_keepalive_connections=50))
-        self.tokens = TokenCache(self.http, upstream.name)
+        self.tokens = TokenCache(self.http, upstream.name, metrics)
         self.basic = (httpx.BasicAuth(upstream.username, upstream.password or "")
                       if upstream.username else None)
         # Learnt from the first 401: lets later requests carry a token at once.
@@ -133,17 +138,21 @@ class UpstreamClient:
     ) -> httpx.Response:
         origin = urlsplit(url)[:2]  # scheme and host: a change of either drops credentials
         for _ in range(MAX_REDIRECTS + 1):
+            started = time.perf_counter()
             try:
                 request = self.http.build_request(
                     method, url, headers=headers, params=params, content=content)
                 response = await self.http.send(request, stream=stream)
             except httpx.TimeoutException as exc:
+                self._observe("timeout", started)
                 raise errors.UpstreamTimeout(
                     f"upstream {self.name} ({self.upstream.url}) timed out") from exc
             except httpx.HTTPError as exc:
+                self._observe("error", started)
                 raise errors.UpstreamError(
                     f"upstream {self.name} ({self.upstream.url}) unreachable: "
                     f"{type(exc).__name__}: {exc}") from exc
+            self._observe(str(response.status_code), started)
             location = response.headers.get("location")
             if response.status_code not in (301, 302, 303, 307, 308) or not location:
                 return response
@@ -158,6 +167,13 @@ class UpstreamClient:
             if response.status_code == 303:
                 method = "GET"
         raise errors.UpstreamError(f"upstream {self.name} redirected too many times")
+
+
+    def _observe(self, status: str, started: float) -> None:
+        if self.metrics is not None:
+            self.metrics.upstream_requests.labels(self.name, status).inc()
+            self.metrics.upstream_seconds.labels(self.name).observe(
+                time.perf_counter() - started)
 
 
 def upstream_error(

@@ -1,0 +1,112 @@
+"""Prometheus metrics, right across uvicorn workers.
+
+With several workers every process writes its samples to files in PROMETHEUS_MULTIPROC_DIR
+(prometheus-client's multiprocess mode, set up by `mirror serve` before workers start) and
+`/metrics` sums them; with one process the app's own registry is exposed. Labels are bounded:
+no repository names or digests, only routes, methods, statuses, upstream names, codes.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+    start_http_server,
+)
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+LATENCY = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "mirror_http_requests", "Requests answered, by route, method and status.",
+            ["route", "method", "status"], registry=r)
+        self.request_seconds = Histogram(
+            "mirror_http_request_duration_seconds", "Time to answer a request, by route.",
+            ["route"], buckets=LATENCY, registry=r)
+        self.lookups = Counter(
+            "mirror_cache_lookups", "Cache lookups by kind (manifest, tag, blob) and result "
+            "(hit, miss, stale, negative).", ["kind", "result"], registry=r)
+        self.served_bytes = Counter(
+            "mirror_served_bytes", "Blob bytes sent to clients, by source (cache, upstream).",
+            ["source"], registry=r)
+        self.upstream_requests = Counter(
+            "mirror_upstream_requests", "Requests sent upstream, by upstream and status.",
+            ["upstream", "status"], registry=r)
+        self.upstream_seconds = Histogram(
+            "mirror_upstream_request_duration_seconds", "Upstream answer time (headers).",
+            ["upstream"], buckets=LATENCY, registry=r)
+        self.upstream_bytes = Counter(
+            "mirror_upstream_fetched_bytes", "Blob bytes fetched from each upstream.",
+            ["upstream"], registry=r)
+        self.fills = Gauge(
+            "mirror_fills_in_progress", "Upstream downloads running now.",
+            multiprocess_mode="livesum", registry=r)
+        self.fill_joins = Counter(
+            "mirror_fill_joins", "Clients that joined a download another client started.",
+            registry=r)
+        self.fill_failures = Counter(
+            "mirror_fill_failures", "Downloads that failed, by reason.", ["reason"],
+            registry=r)
+        self.tokens = Counter(
+            "mirror_upstream_tokens_fetched", "Bearer tokens fetched from upstream realms.",
+            ["upstream"], registry=r)
+        self.challenges = Counter(
+            "mirror_auth_challenges", "401 answers with a challenge sent to clients.",
+            registry=r)
+        self.denials = Counter(
+            "mirror_auth_denials", "Reads refused for want of access, by reason.",
+            ["reason"], registry=r)
+        self.uploads = Counter(
+            "mirror_uploads", "Blob uploads by outcome (ok, timeout, too_large, error).",
+            ["outcome"], registry=r)
+        self.evictions = Counter(
+            "mirror_evictions", "Cache entries evicted to keep within the budget.", registry=r)
+        self.evicted_bytes = Counter(
+            "mirror_evicted_bytes", "Bytes evicted to keep within the budget.", registry=r)
+        self.cache_bytes = Gauge(
+            "mirror_cache_size_bytes", "Bytes of content in the cache.",
+            multiprocess_mode="max", registry=r)
+        self.cache_entries = Gauge(
+            "mirror_cache_entries", "Content files in the cache.",
+            multiprocess_mode="max", registry=r)
+        self.cache_budget = Gauge(
+            "mirror_cache_budget_bytes", "The cache's size budget.",
+            multiprocess_mode="max", registry=r)
+        self.errors = Counter(
+            "mirror_errors", "Error answers, by OCI error code.", ["code"], registry=r)
+
+    def exposition(self) -> tuple[bytes, str]:
+        """The text to answer a scrape with: summed over workers in multiprocess mode."""
+        if os.environ.get(MULTIPROC_ENV):
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            return generate_latest(registry), CONTENT_TYPE_LATEST
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def serve_metrics(host: str, port: int) -> None:
+    """`/metrics` on its own address, from a thread of the parent process."""
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    start_http_server(port, host, registry=registry)
+
+
+def prepare_multiprocess(directory: str) -> None:
+    """Before workers start: an empty directory for their sample files."""
+    os.makedirs(directory, exist_ok=True)
+    for name in os.listdir(directory):
+        if name.endswith(".db"):
+            os.unlink(os.path.join(directory, name))
+    os.environ[MULTIPROC_ENV] = directory

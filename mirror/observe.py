@@ -1,0 +1,133 @@
+"""Watching the mirror: request metrics and the access log (an ASGI middleware), and the
+`/metrics`, `/healthz` and `/readyz` endpoints."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from mirror.metrics import Metrics
+from mirror.store import Store
+from mirror.upstream import UpstreamClient
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+access_log = logging.getLogger("mirror.access")
+
+
+class Observe:
+    """Counts and times every request, and writes one access-log line for it."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, log_format: str = "plain") -> None:
+        self.app = app
+        self.metrics = metrics
+        self.log_format = log_format
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+        sent = 0
+
+        async def counting_send(message: Message) -> None:
+            nonlocal status, sent
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body":
+                sent += len(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting_send)
+        finally:
+            elapsed = time.perf_counter() - started
+            route = scope.get("route")
+            label = route.path.replace(":path", "") if route is not None else "unmatched"
+            self.metrics.requests.labels(label, scope["method"], str(status)).inc()
+            self.metrics.request_seconds.labels(label).observe(elapsed)
+            if self.log_format != "off":
+                self._log(scope, status, sent, elapsed)
+
+    def _log(self, scope: Scope, status: int, sent: int, elapsed: float) -> None:
+        state = scope.get("state") or {}
+        target = state.get("target")
+        upstream = target[0].name if target else "-"
+        cache = state.get("cache", "-")
+        path = scope.get("path", "")
+        if scope.get("query_string"):
+            path += "?" + scope["query_string"].decode("latin-1")
+        client = (scope.get("client") or ("-",))[0]
+        if self.log_format == "json":
+            access_log.info(json.dumps({
+                "client": client, "method": scope["method"], "path": path, "status": status,
+                "bytes": sent, "duration": round(elapsed, 6), "cache": cache,
+                "upstream": upstream}))
+        else:
+            access_log.info('%s "%s %s" %d %d %.4f cache=%s upstream=%s', client,
+                            scope["method"], path, status, sent, elapsed, cache, upstream)
+
+
+class Health:
+    def __init__(self, metrics: Metrics, store: Store, upstream: UpstreamClient,
+                 offline: bool) -> None:
+        self.metrics = metrics
+        self.store = store
+        self.upstream = upstream
+        self.offline = offline
+        self._reachable: tuple[float, bool] = (0.0, False)
+
+    def routes(self, with_metrics: bool = True) -> list[Route]:
+        routes = [Route("/healthz", self.healthz), Route("/readyz", self.readyz)]
+        if with_metrics:
+            routes.append(Route("/metrics", self.scrape))
+        return routes
+
+    async def scrape(self, request: Request) -> Response:
+        body, content_type = self.metrics.exposition()
+        return Response(body, media_type=content_type)
+
+    async def healthz(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(self, request: Request) -> Response:
+        checks = {"cache_writable": self._writable(),
+                  "upstream": "offline" if self.offline else await self._upstream()}
+        ready = checks["cache_writable"] is True and checks["upstream"] in (True, "offline")
+        return JSONResponse({"ready": ready, **checks}, status_code=200 if ready else 503)
+
+    def _writable(self) -> bool:
+        probe = self.store.tmp / f"ready.{os.getpid()}"
+        try:
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError:
+            return False
+        return True
+
+    async def _upstream(self) -> bool:
+        """Any HTTP answer from the default upstream's `/v2/` (checked at most every 5 s)."""
+        checked, reachable = self._reachable
+        if time.monotonic() - checked < 5:
+            return reachable
+        try:
+            response = await self.upstream.http.get(self.upstream.upstream.url + "/v2/",
+                                                    timeout=3)
+            reachable = response.status_code < 500
+        except Exception:
+            reachable = False
+        self._reachable = (time.monotonic(), reachable)
+        return reachable
