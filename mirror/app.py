@@ -11,41 +11,28 @@ from collections.abc import AsyncIterator
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 
-from mirror import errors
+from mirror import errors, services
 from mirror.access import Access
-from mirror.blobs import BlobService
 from mirror.evict import Evictor
-from mirror.fills import Fills
-from mirror.manifests import ManifestService
 from mirror.metrics import Metrics
 from mirror.observe import Health, Observe
 from mirror.routes import Handlers
 from mirror.routes_push import PushHandlers
 from mirror.settings import RESOLVED_ENV, Settings
-from mirror.store import Store
 from mirror.uploads import Uploads
-from mirror.upstream import UpstreamClient
 
 log = logging.getLogger("mirror")
 
 
 def create_app(settings: Settings) -> Starlette:
-    store = Store(settings.cache_dir)
+    metrics = Metrics()
+    parts = services.build(settings, metrics)  # the parts `mirror seed` uses too
+    store, clients, fills, manifests = parts.store, parts.clients, parts.fills, parts.manifests
     removed = store.cleanup_partials()
     if removed:
         log.info("removed %d partial downloads left by an earlier run", removed)
-    metrics = Metrics()
-    clients = {u.name: UpstreamClient(u, settings, metrics) for u in settings.upstreams}
-
-    def tag_ttl(client: UpstreamClient) -> float:
-        ttl = client.upstream.tag_ttl
-        return settings.tag_ttl if ttl is None else ttl
-
-    fills = Fills(store, wait_timeout=settings.connect_timeout + settings.read_timeout)
-    manifests = ManifestService(store, tag_ttl, settings.negative_ttl, metrics)
     access = Access(store.index)
-    handlers = Handlers(clients, manifests, BlobService(store, fills), access,
-                        settings.public_url, metrics)
+    handlers = Handlers(clients, manifests, parts.blobs, access, settings.public_url, metrics)
     uploads = Uploads(store.root / "uploads", store, settings.upload_timeout,
                       settings.max_layer_size, metrics)
     health = Health(metrics, store, next(iter(clients.values())), settings.offline)

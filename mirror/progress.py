@@ -27,6 +27,8 @@ def human_bytes(n: float) -> str:
 
 
 def human_duration(seconds: float) -> str:
+    if seconds < 10:
+        return f"{seconds:.1f}s"
     seconds = int(seconds + 0.5)
     if seconds < 60:
         return f"{seconds}s"

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from mirror.blobs import BlobService
 from mirror.fills import Fills
 from mirror.manifests import ManifestService
+from mirror.metrics import Metrics
 from mirror.settings import Settings
 from mirror.store import Store
 from mirror.upstream import UpstreamClient
@@ -29,14 +30,14 @@ class Services:
         self.store.close()
 
 
-def build(settings: Settings) -> Services:
+def build(settings: Settings, metrics: Metrics | None = None) -> Services:
     store = Store(settings.cache_dir)
-    clients = {u.name: UpstreamClient(u, settings) for u in settings.upstreams}
+    clients = {u.name: UpstreamClient(u, settings, metrics) for u in settings.upstreams}
 
     def tag_ttl(client: UpstreamClient) -> float:
         ttl = client.upstream.tag_ttl
         return settings.tag_ttl if ttl is None else ttl
 
     fills = Fills(store, wait_timeout=settings.connect_timeout + settings.read_timeout)
-    return Services(settings, store, clients, fills, ManifestService(store, tag_ttl),
-                    BlobService(store, fills))
+    manifests = ManifestService(store, tag_ttl, settings.negative_ttl, metrics)
+    return Services(settings, store, clients, fills, manifests, BlobService(store, fills))
