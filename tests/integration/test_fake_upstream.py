@@ -135,3 +135,32 @@ def test_range_on_a_blob_still_downloading(fake: FakeUpstream, start_mirror: Sta
         assert part.content == data[1000:2000]
         assert first.read() == data
     assert fake.count("GET", f"/blobs/{digest}") == 1
+
+
+def test_a_missing_tag_is_remembered_briefly(fake: FakeUpstream, start_mirror: StartMirror) -> None:
+    mirror = start_mirror(upstreams=[("fake", fake.url)], args=["--negative-ttl", "2"])
+    url = f"{mirror.url}/v2/owner/img/manifests/nope"
+    for _ in range(20):
+        response = httpx.get(url, timeout=30)
+        assert response.status_code == 404
+        assert response.json()["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+    assert fake.count("HEAD", "/manifests/nope") == 1
+    time.sleep(2.2)
+    assert httpx.get(url, timeout=30).status_code == 404
+    assert fake.count("HEAD", "/manifests/nope") == 2
+
+
+@pytest.mark.parametrize(
+    "body", [b"{not json", b'{"pad": "' + b"x" * (4 * 1024 * 1024) + b'"}'],
+    ids=["not-json", "oversized"])
+def test_an_invalid_or_oversized_upstream_manifest_is_not_cached(
+    fake: FakeUpstream, start_mirror: StartMirror, body: bytes
+) -> None:
+    fake.manifests["1.0"] = ("application/vnd.oci.image.manifest.v1+json", body)
+    mirror = start_mirror(upstreams=[("fake", fake.url)])
+    for _ in range(2):
+        response = httpx.get(f"{mirror.url}/v2/owner/img/manifests/1.0", timeout=30)
+        assert response.status_code == 502
+        message = response.json()["errors"][0]["message"]
+        assert "not valid JSON" in message or "over 4 MiB" in message
+    assert cached_files(mirror.cache_dir) == []

@@ -140,7 +140,10 @@ class FakeUpstream:
         refused = self._record(request)
         if refused:
             return refused
-        found = self.manifests.get(request.path_params["ref"])
+        ref = request.path_params["ref"]
+        found = self.manifests.get(ref) or next(
+            (m for m in self.manifests.values()
+             if "sha256:" + hashlib.sha256(m[1]).hexdigest() == ref), None)
         if found is None:
             return JSONResponse({"errors": [{"code": "MANIFEST_UNKNOWN", "message": "no"}]}, 404)
         media_type, data = found
