@@ -57,6 +57,8 @@ def caller_of(authorization: str | None) -> Caller:
     if scheme.lower() == "bearer":
         if not value or value == ANONYMOUS_TOKEN:
             return ANONYMOUS_CALLER
+        if not (value.isascii() and value.isprintable()):  # it goes into our upstream header
+            raise errors.Unauthorized("malformed bearer token")
         return Caller(Credential(bearer=value), key)
     if scheme.lower() == "basic":
         return Caller(Credential(basic=basic_auth(value)), key)

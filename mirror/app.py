@@ -15,7 +15,7 @@ from mirror import errors, services
 from mirror.access import Access
 from mirror.evict import Evictor
 from mirror.metrics import Metrics
-from mirror.observe import Health, Observe
+from mirror.observe import AccessLog, Health, Observe
 from mirror.routes import Handlers
 from mirror.routes_push import PushHandlers
 from mirror.settings import RESOLVED_ENV, Settings
@@ -35,6 +35,7 @@ def create_app(settings: Settings) -> Starlette:
     handlers = Handlers(clients, manifests, parts.blobs, access, settings.public_url, metrics)
     uploads = Uploads(store.root / "uploads", store, settings.upload_timeout,
                       settings.max_layer_size, metrics)
+    access_log = AccessLog()
     health = Health(metrics, store, next(iter(clients.values())), settings.offline)
     pushes = PushHandlers(handlers, uploads, manifests, access)
 
@@ -55,6 +56,7 @@ def create_app(settings: Settings) -> Starlette:
                       asyncio.create_task(evictor.run(), name="evict"),
                       asyncio.create_task(sweep_uploads(), name="uploads")]
         yield
+        access_log.flush()
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
@@ -74,7 +76,8 @@ def create_app(settings: Settings) -> Starlette:
         },
         lifespan=lifespan,
     )
-    app.add_middleware(Observe, metrics=metrics, log_format=settings.access_log)
+    app.add_middleware(Observe, metrics=metrics, access=access_log,
+                       log_format=settings.access_log)
     app.state.metrics = metrics
     app.state.settings = settings
     app.state.store = store

@@ -43,11 +43,14 @@ class BlobService:
     ) -> Reader:
         """A reader over the blob; the caller streams `reader.chunks(...)` (which closes it)."""
 
-        async def fetch() -> httpx.Response:
+        async def fetch(offset: int) -> httpx.Response:
+            headers = {"Accept-Encoding": "identity"}
+            if offset:
+                headers["Range"] = f"bytes={offset}-"
             response = await client.send(
-                "GET", f"/v2/{repo}/blobs/{digest}", repo=repo,
-                headers={"Accept-Encoding": "identity"}, stream=True, credential=credential)
-            if response.status_code != 200:
+                "GET", f"/v2/{repo}/blobs/{digest}", repo=repo, headers=headers, stream=True,
+                credential=credential)
+            if response.status_code not in (200, 206):
                 body = await response.aread()
                 await response.aclose()
                 raise upstream_error(

@@ -8,6 +8,10 @@ as bytes land; clients in other worker processes poll the file's size and the lo
 
 A reader never hands out the blob's last byte before the blob is committed, so a client
 can only ever see a complete body that was verified; on failure its stream is aborted.
+
+When the disk is full (ENOSPC, EDQUOT) the fill detaches from the cache (`_detach`) and
+relays the rest of the blob from memory to the readers it has (`mirror.relay`): they still
+get every (verified) byte, nothing is cached, and new clients start a new fill.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import mmap
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -24,13 +29,17 @@ import httpx
 
 from mirror.errors import RegistryError, StreamAborted, UpstreamError, UpstreamTimeout
 from mirror.reference import Digest
-from mirror.store import CHUNK, FillLock, Store, lock_is_held
+from mirror.relay import Relay
+from mirror.store import CHUNK, DISK_FULL, FillLock, Store, lock_is_held
 
 log = logging.getLogger("mirror.fills")
 
 POLL = 0.005  # how often followers in other processes look at a fill's progress
 FLUSH_INTERVAL = 0.05  # hand slow downloads to readers at least this often
-Fetch = Callable[[], Awaitable[httpx.Response]]
+PIPELINE = 4  # MiB chunks queued between the socket and the disk
+# Opens the upstream body from a byte offset (0: the whole blob; more: resuming).
+Fetch = Callable[[int], Awaitable[httpx.Response]]
+RESUMES = 3  # a broken download is resumed this many times before the fill gives up
 
 
 class DigestMismatch(UpstreamError):
@@ -65,6 +74,10 @@ class Fill:
         self.started = asyncio.Event()  # size known, or failed
         self.readers = 0
         self._progress = asyncio.Event()
+        self.fd = -1  # the partial (read-write) while the fill runs: readers dup it
+        self.lock: FillLock | None = None
+        self.followers: set[LocalReader] = set()
+        self.relay: Relay | None = None  # the disk filled up: relayed, not cached
 
     @property
     def done(self) -> bool:
@@ -82,9 +95,12 @@ class Fill:
 class Reader:
     """Streams a blob from a file descriptor: committed content or a growing partial."""
 
+    source = "cache"  # where the bytes come from, for metrics: cache, or upstream (a fill)
+
     def __init__(self, fd: int, size: int | None) -> None:
         self.fd = fd
         self.size = size
+        self.pos = 0  # the next byte to read
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -101,9 +117,14 @@ class Reader:
     async def wait(self) -> None:
         await asyncio.sleep(POLL)
 
-    async def chunks(self, start: int, end: int | None) -> AsyncIterator[bytes]:
+    async def read(self, pos: int, size: int) -> bytes | memoryview:
+        return await asyncio.to_thread(os.pread, self.fd, size, pos)
+
+    async def chunks(
+        self, start: int, end: int | None
+    ) -> AsyncIterator[bytes | memoryview]:
         """Bytes [start, end) (end None: to the end of the blob); the fd is closed after."""
-        pos = start
+        pos = self.pos = start
         try:
             while True:
                 available, committed = self.progress()
@@ -114,7 +135,7 @@ class Reader:
                 if stop is not None:
                     limit = min(limit, stop)
                 if limit > pos:
-                    data = await asyncio.to_thread(os.pread, self.fd, min(CHUNK, limit - pos), pos)
+                    data = await self.read(pos, min(CHUNK, limit - pos))
                     if not data:
                         raise StreamAborted(f"blob {self.size} bytes ended early at {pos}")
                     pos += len(data)
@@ -127,13 +148,34 @@ class Reader:
             self.close()
 
 
+class CommittedReader(Reader):
+    """Reads verified content from the cache."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        super().__init__(fd, size)
+        self._view: memoryview | None = None
+
+    async def read(self, pos: int, size: int) -> bytes | memoryview:
+        """Committed content is immutable: map it and hand out views of the page cache
+        (no copy and no thread hop: 1.6x the throughput of pread here)."""
+        if self._view is None:
+            self._view = memoryview(mmap.mmap(self.fd, 0, prot=mmap.PROT_READ))
+        return self._view[pos:pos + size]
+
+
 class LocalReader(Reader):
     """Follows a fill running in this process."""
+
+    source = "upstream"
 
     def __init__(self, fd: int, fill: Fill) -> None:
         super().__init__(fd, fill.size)
         self.fill = fill
+        self.dropped = False  # the relay gave up waiting for this reader
         fill.readers += 1
+        fill.followers.add(self)
+        if fill.relay is not None:
+            fill.relay.moved()
 
     def progress(self) -> tuple[int, bool]:
         return self.fill.written, self.fill.committed
@@ -144,21 +186,42 @@ class LocalReader(Reader):
     async def wait(self) -> None:
         await self.fill.wait(1.0)
 
+    async def read(self, pos: int, size: int) -> bytes | memoryview:
+        relay = self.fill.relay
+        if relay is None or pos + size <= relay.start:
+            data = await super().read(pos, size)
+        elif pos < relay.start:  # what reached the disk is in our (unlinked) partial
+            data = await super().read(pos, relay.start - pos)
+        else:
+            data = relay.read(self, pos, size)
+        self.pos = pos + len(data)
+        if relay is not None:
+            relay.moved()
+        return data
+
     def close(self) -> None:
         if self.fd >= 0:
             self.fill.readers -= 1
+            self.fill.followers.discard(self)
+            if self.fill.relay is not None:
+                self.fill.relay.moved()
         super().close()
 
 
 class RemoteReader(Reader):
     """Follows a fill running in another worker process, through the file system."""
 
+    source = "upstream"
+
     def __init__(self, fd: int, size: int | None, store: Store, digest: Digest) -> None:
         super().__init__(fd, size)
         self.store = store
         self.digest = digest
+        self.verified = False  # saw the commit: the fd holds the verified blob, evicted or not
 
     def progress(self) -> tuple[int, bool]:
+        if self.verified:
+            return os.fstat(self.fd).st_size, True
         try:
             final = os.stat(self.store.path(self.digest))
         except FileNotFoundError:
@@ -168,11 +231,15 @@ class RemoteReader(Reader):
             fd = os.open(self.store.path(self.digest), os.O_RDONLY)
             os.close(self.fd)
             self.fd = fd
+        self.verified = True
         return final.st_size, True
 
     def failed(self) -> bool:
-        return not lock_is_held(self.store.lock_path(self.digest)) and not self.store.has(
-            self.digest)
+        if self.store.has(self.digest):
+            return False
+        # The filler gave up (lock free), or stopped caching (partial unlinked: disk full).
+        return (os.fstat(self.fd).st_nlink == 0
+                or not lock_is_held(self.store.lock_path(self.digest)))
 
 
 class Fills:
@@ -203,11 +270,9 @@ class Fills:
                 await fill.started.wait()
                 if fill.error is not None and fill.size is None:
                     raise fill.error
-                try:
-                    fd = os.open(self.store.partial_path(digest), os.O_RDONLY)
-                except FileNotFoundError:
-                    continue  # finished or failed between the two lines: look again
-                return LocalReader(fd, fill)
+                if fill.fd < 0:
+                    continue  # finished or failed meanwhile: look again
+                return LocalReader(os.dup(fill.fd), fill)
             reader = await self._follow_remote(digest)
             if reader:
                 self.joined += 1
@@ -219,7 +284,8 @@ class Fills:
             fd = os.open(self.store.path(digest), os.O_RDONLY)
         except FileNotFoundError:
             return None
-        return Reader(fd, os.fstat(fd).st_size)
+        self.store.recency.touch(digest)
+        return CommittedReader(fd, os.fstat(fd).st_size)
 
     def _start(self, digest: Digest, lock: FillLock, fetch: Fetch) -> Fill:
         fill = Fill(digest)
@@ -251,74 +317,177 @@ class Fills:
         part = self.store.partial_path(digest)
         size_path = self.store.size_path(digest)
         fd = -1
+        fill.lock = lock
         try:
             for stale in (part, size_path):
                 with contextlib.suppress(FileNotFoundError):
                     stale.unlink()
-            response = await fetch()
+            response = await fetch(0)
             try:
                 length = response.headers.get("content-length")
                 fill.size = int(length) if length and length.isdigit() else None
-                fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
                 tmp = size_path.with_suffix(f".{os.getpid()}")
-                tmp.write_text("" if fill.size is None else str(fill.size))
-                os.rename(tmp, size_path)
+                try:
+                    fill.fd = fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+                    tmp.write_text("" if fill.size is None else str(fill.size))
+                    os.rename(tmp, size_path)
+                except OSError as exc:
+                    tmp.unlink(missing_ok=True)
+                    if exc.errno not in DISK_FULL:
+                        raise
+                    if fd < 0:  # not even an empty partial: readers need an fd all the same
+                        fill.fd = fd = os.memfd_create("relay")
+                    self._detach(fill, 0)
                 fill.started.set()
-                await self._download(fill, fd, response)
+                await self._download(fill, fd, response, fetch)
             finally:
                 await response.aclose()
-            self.store.commit(digest, part)
-            fill.committed = True
+            if fill.relay is None:
+                self.store.commit(digest, part)
+            fill.committed = True  # verified: readers may have the last byte
         except BaseException as exc:
             fill.error = exc
-            with contextlib.suppress(FileNotFoundError):
-                part.unlink()
+            if fill.relay is None:  # once detached, the paths may be another fill's
+                with contextlib.suppress(FileNotFoundError):
+                    part.unlink()
             if not isinstance(exc, RegistryError | asyncio.CancelledError):
                 log.warning("fill of %s failed: %r", digest, exc)
             if isinstance(exc, asyncio.CancelledError):
                 raise
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                size_path.unlink()
+            if fill.relay is None:
+                with contextlib.suppress(FileNotFoundError):
+                    size_path.unlink()
             if fd >= 0:
                 os.close(fd)
+            fill.fd = -1
             lock.release()
-            self.active.pop(digest, None)
+            if self.active.get(digest) is fill:
+                del self.active[digest]
             fill.started.set()
             fill.notify()
 
-    async def _download(self, fill: Fill, fd: int, response: httpx.Response) -> None:
+    def _detach(self, fill: Fill, start: int) -> None:
+        """The disk is full: stop caching `fill`, relay the rest to its readers from memory.
+
+        Its partial and size file go (followers in other workers see the partial unlinked
+        and give up: their clients retry), its lock is released and it leaves `active`, so
+        new clients start a new fill: cached if there is room by then, else relayed too.
+        """
+        digest = fill.digest
+        fill.relay = Relay(start, fill.followers)
+        for path in (self.store.partial_path(digest), self.store.size_path(digest)):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        if fill.lock is not None:
+            fill.lock.release()
+        if self.active.get(digest) is fill:
+            del self.active[digest]
+        log.warning("cache disk full: %s relayed to its %d reader(s) from byte %d, not cached",
+                    digest, len(fill.followers), start)
+
+    async def _download(
+        self, fill: Fill, fd: int, response: httpx.Response, fetch: Fetch
+    ) -> None:
         hasher = hashlib.new(fill.digest.algorithm)
-        buffer = bytearray()
         flushed = time.monotonic()
 
-        def write(data: bytes) -> None:
+        def write(data: bytes) -> int:
+            """Hash and write `data`; returns how much landed (less: the disk is full)."""
             hasher.update(data)
             view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            done = 0
+            while done < len(data):
+                try:
+                    done += os.write(fd, view[done:])
+                except OSError as exc:
+                    if exc.errno not in DISK_FULL:
+                        raise
+                    break
+            return done
 
+        async def emit(data: bytes) -> None:
+            landed = 0
+            if fill.relay is None:
+                landed = await asyncio.to_thread(write, data)
+                if landed < len(data):
+                    self._detach(fill, fill.written + landed)
+            else:
+                await asyncio.to_thread(hasher.update, data)
+            if fill.relay is not None:
+                await fill.relay.put(data[landed:])
+            fill.written += len(data)
+
+        # Hashing and writing (in a thread) overlap with reading the socket: a few MiB
+        # queue up between them; a full queue holds back reading.
+        queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=PIPELINE)
+        failed: list[Exception] = []
+
+        async def writer() -> None:
+            while (data := await queue.get()) is not None:
+                if failed:
+                    continue  # keep draining so the reader never blocks on a full queue
+                try:
+                    await emit(data)
+                except Exception as exc:
+                    failed.append(exc)
+                fill.notify()
+
+        writing = asyncio.create_task(writer())
+        received = pending = skip = resumes = 0
+        parts: list[bytes] = []  # joined only when small: big reads pass uncopied
         try:
-            async for chunk in response.aiter_raw():
-                buffer += chunk
-                now = time.monotonic()
-                if len(buffer) >= CHUNK or now - flushed > FLUSH_INTERVAL:
-                    data = bytes(buffer)
-                    buffer.clear()
-                    await asyncio.to_thread(write, data)
-                    fill.written += len(data)
-                    flushed = now
-                    fill.notify()
-                    if fill.size is not None and fill.written > fill.size:
-                        break
+            while True:
+                try:
+                    async for chunk in response.aiter_raw():
+                        if skip:  # resumed, but the upstream ignored our Range
+                            chunk, skip = chunk[skip:], max(skip - len(chunk), 0)
+                        parts.append(chunk)
+                        pending += len(chunk)
+                        received += len(chunk)
+                        now = time.monotonic()
+                        if pending >= CHUNK or now - flushed > FLUSH_INTERVAL:
+                            await queue.put(parts[0] if len(parts) == 1 else b"".join(parts))
+                            parts, pending, flushed = [], 0, now
+                            if failed or (fill.size is not None and received > fill.size):
+                                break
+                    broken: Exception | None = None
+                except httpx.TransportError as exc:  # reset, truncated, stalled
+                    broken = exc
+                if failed or fill.size is None or received >= fill.size:
+                    if broken is not None:
+                        raise broken
+                    break
+                # The body ended early: ask for the rest, invisibly to the readers.
+                resumes += 1
+                if resumes > RESUMES:
+                    raise UpstreamError(
+                        f"download of {fill.digest} broke {RESUMES + 1} times: {broken!r}")
+                log.info("resuming %s from byte %d (%r)", fill.digest, received, broken)
+                await response.aclose()
+                response = await fetch(received)
+                if response.status_code == 206:
+                    start = response.headers.get("content-range", "").partition(" ")[2]
+                    if not start.startswith(f"{received}-"):
+                        raise UpstreamError(f"upstream resumed {fill.digest} at the wrong byte")
+                else:
+                    skip = received
+            if parts:
+                await queue.put(b"".join(parts))
+            await queue.put(None)
+            await writing
+            if failed:
+                raise failed[0]
         except httpx.TimeoutException as exc:
             raise UpstreamTimeout(f"download of {fill.digest} stalled") from exc
         except httpx.HTTPError as exc:
             raise UpstreamError(f"download of {fill.digest} broke: {exc}") from exc
-        if buffer:
-            data = bytes(buffer)
-            await asyncio.to_thread(write, data)
-            fill.written += len(data)
+        finally:
+            await response.aclose()
+            if not writing.done():
+                writing.cancel()
+                with contextlib.suppress(BaseException):
+                    await writing
         if fill.size is not None and fill.written != fill.size:
             raise DigestMismatch(
                 f"upstream sent {fill.written} bytes for {fill.digest}, announced {fill.size}")

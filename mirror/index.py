@@ -15,6 +15,9 @@ What it records, all small:
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import sqlite3
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -22,6 +25,23 @@ from pathlib import Path
 from typing import Any
 
 import diskcache
+
+log = logging.getLogger("mirror.index")
+
+
+@contextlib.contextmanager
+def unless_full(what: str) -> Iterator[None]:
+    """For writes that only remember what an upstream said: on a full disk, skip them.
+
+    Each one missing fails safe (a tag is resolved again, a media type read from the
+    document, access probed again); failing the request instead would help nobody.
+    """
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        if "full" not in str(exc):
+            raise
+        log.warning("cache disk full: %s not recorded", what)
 
 AcceptKey = tuple[str, ...]
 
@@ -53,7 +73,8 @@ class Index:
         return value if isinstance(value, str) else None
 
     def set_media_type(self, digest: str, media_type: str) -> None:
-        self.db.set(("mt", digest), media_type)
+        with unless_full("a media type"):
+            self.db.set(("mt", digest), media_type)
 
     # -- tags ----------------------------------------------------------------------------
 
@@ -70,7 +91,7 @@ class Index:
     ) -> None:
         value = {"digest": digest, "media_type": media_type, "size": size, "at": time.time(),
                  "anonymous": anonymous}
-        with self.db.transact():
+        with unless_full("a tag"), self.db.transact():
             if accept is not None:
                 self.db.set(("tag", upstream, repo, tag, accept), value)
             self.db.set(("tag", upstream, repo, tag, None), value)
@@ -107,7 +128,7 @@ class Index:
     # -- which repository holds what ---------------------------------------------------
 
     def link(self, upstream: str, repo: str, digests: list[str]) -> None:
-        with self.db.transact():
+        with unless_full("a repository's content"), self.db.transact():
             for digest in digests:
                 self.db.set(("link", upstream, repo, digest), True)
 
@@ -120,7 +141,8 @@ class Index:
     # -- who may read a repository ------------------------------------------------------
 
     def set_public(self, upstream: str, repo: str, public: bool) -> None:
-        self.db.set(("public", upstream, repo), (public, time.time()))
+        with unless_full("an access probe"):
+            self.db.set(("public", upstream, repo), (public, time.time()))
 
     def public(self, upstream: str, repo: str, max_age: float | None = None) -> bool:
         """Whether an anonymous probe found `repo` readable (within `max_age` seconds)."""
@@ -162,9 +184,11 @@ class Index:
                 if not isinstance(old, float) or old < at:
                     self.db.set(("used", digest), at)
 
-    def forget_use(self, digest: str) -> None:
+    def forget_use(self, *digests: str) -> None:
         """The content is gone: its last use goes too (tags and media types stay)."""
-        self.db.delete(("used", digest))
+        with self.db.transact():
+            for digest in digests:
+                self.db.delete(("used", digest))
 
     # -- images named by digest (what a tag is to images named by tag) -------------------
 

@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,11 +42,14 @@ MAX_MANIFEST = 4 * 1024 * 1024
 HOT_BYTES = 64 * 1024 * 1024
 
 
+# `type/subtype` (RFC 6838 names, and `*`): anything else cannot go into our upstream Accept.
+_MEDIA_TYPE = re.compile(r"[a-z0-9*][a-z0-9!#$&^_.+*-]{0,126}/[a-z0-9*][a-z0-9!#$&^_.+*-]{0,126}")
+
+
 def accept_key(headers: list[str]) -> AcceptKey:
     """The set of media types a client accepts, normalised (order, params, case dropped)."""
     types = {part.split(";")[0].strip().lower() for h in headers for part in h.split(",")}
-    types.discard("")
-    return tuple(sorted(types))
+    return tuple(sorted(t for t in types if _MEDIA_TYPE.fullmatch(t)))
 
 
 @dataclass(frozen=True, slots=True)

@@ -236,7 +236,9 @@ class Handlers:
         return StreamingResponse(self._counted(reader.chunks(start, end), reader.source),
                                  status_code=status, headers=headers)
 
-    async def _counted(self, chunks: AsyncIterator[bytes], source: str) -> AsyncIterator[bytes]:
+    async def _counted(
+        self, chunks: AsyncIterator[bytes | memoryview], source: str
+    ) -> AsyncIterator[bytes | memoryview]:
         """Blob bytes as they go out, counted by where they came from."""
         if self.metrics is None:
             async for chunk in chunks:

@@ -16,7 +16,10 @@ from support.images import ImageInfo, seed, skopeo, skopeo_copy_to_dir
 from support.procs import MirrorProc
 from support.registry import Registry, TokenIssuer, Upstream
 
-__all__ = ["ImageInfo", "containerd", "containerd_session", "dockerd_factory", "MirrorProc", "StartMirror", "Upstream", "skopeo", "skopeo_copy_to_dir"]
+__all__ = [
+    "ImageInfo", "MirrorProc", "StartMirror", "Upstream", "containerd", "containerd_session",
+    "dockerd_factory", "skopeo", "skopeo_copy_to_dir",
+]
 
 StartMirror = Callable[..., MirrorProc]
 

@@ -389,9 +389,18 @@ class RssSampler:
         self.peak_sum = max(self.peak_sum, total)
         self.samples += 1
 
-    def per_process(self) -> list[dict[str, Any]]:
-        return [{"pid": pid, "role": "parent" if pid == self.root else "child",
-                 "peak_mib": round(kib / 1024, 1), "cmdline": self.names.get(pid, "?")[:90]}
+    def role(self, pid: int) -> str:
+        name = self.names.get(pid, "")
+        if pid == self.root:
+            return "main"
+        if "spawn_main" in name:
+            return "worker"
+        if "resource_tracker" in name:
+            return "resource_tracker"
+        return "other: " + name[:60]
+
+    def per_process(self) -> list[str]:
+        return [f"{self.role(pid)} pid {pid}: {kib / 1024:.1f} MiB"
                 for pid, kib in sorted(self.peak.items())]
 
     @property
@@ -399,8 +408,9 @@ class RssSampler:
         return max(self.peak.values(), default=0) / 1024
 
     @property
-    def largest_child_mib(self) -> float:
-        return max((k for p, k in self.peak.items() if p != self.root), default=0) / 1024
+    def largest_worker_mib(self) -> float:
+        return max((k for p, k in self.peak.items() if self.role(p) == "worker"),
+                   default=0) / 1024
 
 
 # -- the benchmark --------------------------------------------------------------------------
@@ -416,6 +426,7 @@ class Bench:
         self.registries: list[Registry] = []
         self.images: dict[str, BenchImage] = {}
         self.upstream: Registry | None = None
+        self.upstream_log_start = 0
         self.peer: Registry | None = None
         self.mirror: MirrorProc | None = None  # --workers 2
         self.mirror1: MirrorProc | None = None  # --workers 1
@@ -431,7 +442,17 @@ class Bench:
                        self.work / f"mirror-{self._n}-{label}-logs", workers=workers)
         self.cleanups.append(m.stop)
         self.mirror_logs.append(m.log_dir / "mirror.log")
-        return m.start()
+        m.start()
+        # /v2/ answered by one worker; let the others finish importing too, so that start-up
+        # does not compete for CPU with what is measured next.
+        deadline = time.monotonic() + 30
+        assert m.proc is not None
+        while m.proc.log_text().count("Application startup complete") < workers:
+            if time.monotonic() > deadline or not m.alive:
+                raise BenchError(f"mirror {label}: not all {workers} workers started: "
+                                 f"{m.proc.log_text()[-2000:]}")
+            time.sleep(0.05)
+        return m
 
     def discard_mirror(self, m: MirrorProc) -> None:
         m.stop()
@@ -488,6 +509,7 @@ class Bench:
             push_image(img, self.upstream.host, timeout=600)
         log(f"pushed to {self.upstream.url} in {time.monotonic() - started:.1f} s")
         shutil.rmtree(data)  # the upstream has it all now
+        self.upstream_log_start = self.upstream.mark()  # skip the push's (expected) 404s
         self.res.raw["images"] = {
             img.ref: {"manifest": img.info.digest,
                       "layers": [{"digest": d, "bytes": s} for d, s in img.layers]}
@@ -510,7 +532,7 @@ class Bench:
         while True:
             time.sleep(0.5)
             n = self.upstream_blob_gets(since, digest)
-            if n == last or time.monotonic() > deadline:
+            if n == last or time.monotonic() > deadline:  # unchanged for 0.5 s
                 return n
             last = n
 
@@ -560,7 +582,9 @@ class Bench:
         peer = self.peer
         self.warm_blob("peer", peer.url, repo, digest, size,
                        lambda: self.peer_has(peer, repo, digest, size))
-        urls = {"mirror": self.mirror.url, "peer": peer.url, "mirror_w1": self.mirror1.url}
+        assert self.upstream is not None
+        urls = {"mirror": self.mirror.url, "peer": peer.url, "mirror_w1": self.mirror1.url,
+                "direct": self.upstream.url}
         runs: dict[str, list[float]] = {k: [] for k in urls}
         for _ in range(self.cfg.throughput_runs):
             for label, base in urls.items():  # alternating: mirror, peer, mirror_w1, ...
@@ -576,6 +600,8 @@ class Bench:
                      med["peer"], ratio, ">= 1.5", ratio >= 1.5)
         self.res.add("   same, mirror --workers 1 (info)", med["mirror_w1"], med["peer"],
                      med["mirror_w1"] / med["peer"])
+        self.res.add("   same, mirror (workers=2) vs direct upstream registry (info)",
+                     med["mirror"], med["direct"], med["mirror"] / med["direct"])
 
     # 2. cached manifest requests/s
 
@@ -611,7 +637,7 @@ class Bench:
         assert self.mirror and self.mirror1 and self.peer and self.upstream
         img = self.images["layer"].info
         servers = {"mirror": self.mirror.url, "peer": self.peer.url,
-                   "mirror_w1": self.mirror1.url}
+                   "mirror_w1": self.mirror1.url, "direct": self.upstream.url}
         refs = {"tag": img.tag, "digest": img.digest}
 
         def url(base: str, ref: str) -> str:
@@ -629,6 +655,7 @@ class Bench:
             raw[kind] = {label: [] for label in servers}
             for _ in range(self.cfg.wrk_runs):
                 for label, base in servers.items():  # alternating
+                    time.sleep(0.5)  # the previous run's last upstream log lines land first
                     mark = self.upstream.mark()
                     out = self.wrk(url(base, ref))
                     out["upstream_requests"] = len(self.upstream.requests(since=mark, settle=0.3))
@@ -648,6 +675,9 @@ class Bench:
                 ratio = med[label] / med["peer"]
                 self.res.add(f"2. manifest GET by {kind}, req/s (workers={workers})", med[label],
                              med["peer"], ratio, f">= {t:g}", ratio >= t, fmt="{:.0f}")
+            self.res.add("   same, mirror (workers=2) vs direct upstream registry (info)",
+                         med["mirror"], med["direct"], med["mirror"] / med["direct"],
+                         fmt="{:.0f}")
 
     # 3. cold pull wall time
 
@@ -710,7 +740,8 @@ class Bench:
 
     # 4 + 5. concurrent cold clients, RSS
 
-    def clients_run(self, label: str, base: str, pid: int) -> dict[str, Any]:
+    def clients_run(self, label: str, base: str, pid: int,
+                    cached: Callable[[], bool]) -> dict[str, Any]:
         assert self.upstream is not None
         img = self.images["big"]
         digest, size = img.layers[0]
@@ -740,6 +771,11 @@ class Bench:
                         p.kill()
                         p.wait()
             time.sleep(0.3)
+        # Count once the cache has the blob: a background upstream fetch (the peer's
+        # storeLocal) is only logged by the upstream when it completes.
+        deadline = time.monotonic() + 120
+        while not cached() and time.monotonic() < deadline:
+            time.sleep(0.2)
         upstream_gets = self.settled_blob_gets(mark, digest)
         complete = sum(1 for r in results
                        if isinstance(r, CurlResult) and r.code == 200 and r.size == size)
@@ -751,14 +787,14 @@ class Bench:
             "client0_sha256_ok": got0 == digest,
             "wall_s": round(wall, 2),
             "clients": [r if isinstance(r, str) else
-                        {"code": r.code, "bytes": r.size, "MBps": round(r.speed / 1e6, 1),
-                         "s": round(r.seconds, 2)} for r in results],
+                        f"{r.code} {r.size} B {r.speed / 1e6:.1f} MB/s {r.seconds:.2f} s"
+                        for r in results],
             "rss_samples": rss.samples,
             "rss_idle_sum_mib": round(rss.first_sum / 1024, 1),
             "rss_peak_sum_mib": round(rss.peak_sum / 1024, 1),
             "rss_largest_mib": round(rss.largest_mib, 1),
-            "rss_largest_child_mib": round(rss.largest_child_mib, 1),
-            "rss_per_process": rss.per_process(),
+            "rss_largest_worker_mib": round(rss.largest_worker_mib, 1),
+            "rss_peak_per_process": rss.per_process(),
         }
 
     def concurrency(self) -> None:
@@ -767,14 +803,16 @@ class Bench:
         m = self.start_mirror(2, "conc")
         try:
             assert m.proc is not None
-            mres = self.clients_run("mirror", m.url, m.proc.pid)
+            mres = self.clients_run("mirror", m.url, m.proc.pid,
+                                    functools.partial(self.mirror_has, m, digest, size))
             mres["cached_after"] = self.mirror_has(m, digest, size)
         finally:
             self.discard_mirror(m)
         peer = self.start_registry("peer-conc", proxy=True)
         try:
             assert peer.proc is not None
-            pres = self.clients_run("peer", peer.url, peer.proc.pid)
+            pres = self.clients_run("peer", peer.url, peer.proc.pid, functools.partial(
+                self.peer_has, peer, img.info.repo, digest, size))
         finally:
             self.discard_registry(peer)
         self.res.raw["4_concurrent_cold_clients"] = {"mirror": mres, "peer": pres}
@@ -793,8 +831,43 @@ class Bench:
                     f"client 0 sha256 ok: {r['client0_sha256_ok']}; {r['clients']}")
         self.res.add("5. peak RSS during 4, largest process, MiB", mres["rss_largest_mib"],
                      pres["rss_largest_mib"], None, "< 200", mres["rss_largest_mib"] < 200)
+        self.res.add("   peak RSS during 4, largest worker, MiB", mres["rss_largest_worker_mib"],
+                     None, None, "< 200", mres["rss_largest_worker_mib"] < 200)
         self.res.add("   peak RSS during 4, sum over process tree, MiB (info)",
                      mres["rss_peak_sum_mib"], pres["rss_peak_sum_mib"])
+
+    def single_cold(self) -> None:
+        """For context to 4: how fast one cold client gets the big blob (the speed of one
+        fill) through a fresh mirror, directly, and through a fresh peer."""
+        assert self.upstream is not None
+        img = self.images["big"]
+        digest, size = img.layers[0]
+        path = f"/v2/{img.info.repo}/blobs/{digest}"
+        speeds: dict[str, float] = {}
+
+        def get(label: str, base: str) -> None:
+            r = curl(base + path, max_time=600)
+            if r.code != 200 or r.size != size:
+                raise BenchError(f"{label}: got {r.code}, {r.size} bytes (want {size})")
+            speeds[label] = round(r.speed / 1e6, 1)
+
+        m = self.start_mirror(2, "single")
+        try:
+            get("mirror", m.url)
+        finally:
+            self.discard_mirror(m)
+        get("direct", self.upstream.url)
+        peer = self.start_registry("peer-single", proxy=True)
+        try:
+            get("peer", peer.url)
+        finally:
+            self.discard_registry(peer)
+        self.res.raw["4b_one_cold_client_MBps"] = speeds
+        self.res.add(f"4b. one cold client of the {size / 1e6:.0f} MB blob, MB/s: mirror vs "
+                     "direct (info)",
+                     speeds["mirror"], speeds["direct"], speeds["mirror"] / speeds["direct"])
+        self.res.add("   same, peer vs direct (info)", None, speeds["peer"],
+                     speeds["peer"] / speeds["direct"])
 
     # -- logs --
 
@@ -810,6 +883,8 @@ class Bench:
                                           "first": list(dict.fromkeys(bad))[:15]}
         for r in self.registries:
             text = r.log_text()
+            if r is self.upstream:
+                text = text.encode()[self.upstream_log_start:].decode(errors="replace")
             levels = {lv: text.count(f'"level":"{lv}"') for lv in ("error", "warning")}
             msgs = [e.get("msg", "")[:200] for e in _json_lines(text)
                     if e.get("level") in ("error", "warning")]
@@ -825,6 +900,10 @@ def _json_lines(text: str) -> Iterator[dict[str, Any]]:
 
 
 # -- environment and report -----------------------------------------------------------------
+
+
+def loadavg() -> str:
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def environment() -> dict[str, str]:
@@ -846,6 +925,7 @@ def environment() -> dict[str, str]:
         "cpu": cpu,
         "memory": f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.1f} GiB",
         "kernel": platform.release(),
+        "load average at start (1, 5, 15 min)": loadavg(),
         "mirror": f"git {commit}{' + uncommitted changes in mirror/' if dirty else ''}",
         "python": platform.python_version(),
         "packages": ", ".join(f"{p} {pkg(p)}" for p in
@@ -855,6 +935,18 @@ def environment() -> dict[str, str]:
         "curl": tool_version(["curl", "--version"]),
         "wrk": tool_version(["wrk", "-v"]),
     }
+
+
+def raw_text(raw: dict[str, Any], depth: int = 0) -> str:
+    """Nested dicts as indented `key: compact JSON` lines."""
+    lines = []
+    for key, value in raw.items():
+        if isinstance(value, dict) and depth < 2:
+            lines.append(f"{'  ' * depth}{key}:")
+            lines.append(raw_text(value, depth + 1))
+        else:
+            lines.append(f"{'  ' * depth}{key}: {json.dumps(value)}")
+    return "\n".join(lines)
 
 
 def report(cfg: Config, env: dict[str, str], res: Results, seconds: float) -> str:
@@ -878,7 +970,7 @@ def report(cfg: Config, env: dict[str, str], res: Results, seconds: float) -> st
         lines += ["## Errors", "", *(f"- {e}" for e in res.errors), ""]
     if res.notes:
         lines += ["## Notes", "", *(f"- {n}" for n in res.notes), ""]
-    lines += ["## Raw runs", "", "```json", json.dumps(res.raw, indent=1), "```", ""]
+    lines += ["## Raw runs", "", "```", raw_text(res.raw), "```", ""]
     return "\n".join(lines)
 
 
@@ -910,12 +1002,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     env = environment()
     log(f"work directory {work}; {env['nproc']} CPUs; mirror {env['mirror']}")
+    if os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1):
+        log(f"warning: the machine is busy (load average {loadavg()}): numbers will be noisy")
     try:
         bench.setup()
         bench.phase("1. blob cache-hit throughput", bench.throughput)
         bench.phase("2. cached manifest requests/s", bench.manifest_rps)
         bench.phase("3. cold pull", bench.cold_pull)
         bench.phase("4/5. concurrent cold clients + RSS", bench.concurrency)
+        bench.phase("4b. one cold client", bench.single_cold)
         bench.cleanup()  # stop everything so the logs are complete
         bench.scan_logs()
     except KeyboardInterrupt as exc:
@@ -925,12 +1020,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         traceback.print_exc()
         return 1
     else:
+        env["load average at end"] = loadavg()
         text = report(cfg, env, bench.res, time.monotonic() - started)
         args.output.write_text(text)
         print("\n" + fmt_table(bench.res.rows, markdown=False) + "\n")
         for key in ("images", "phase_seconds"):
             bench.res.raw.pop(key, None)
-        print("raw runs:\n" + json.dumps(bench.res.raw, indent=1))
+        print("raw runs:\n" + raw_text(bench.res.raw))
         for e in bench.res.errors:
             print(f"ERROR: {e}")
         for n in bench.res.notes:

@@ -31,6 +31,10 @@ def copied_digests(dest: Path) -> set[str]:
     return digests
 
 
+def slug(ref: str) -> str:
+    return slug(ref)
+
+
 def pull_all(mirror_host: str, image: ImageInfo, dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     skopeo_copy_to_dir(f"docker://{mirror_host}/{image.ref}", dest, all=True)
@@ -49,13 +53,13 @@ def test_skopeo_pulls_every_image_then_pulls_again_without_upstream_blobs(
     mirror = start_mirror()
     for ref in PUBLIC:
         image = upstream.images[ref]
-        pull_all(mirror.host, image, tmp_path / "first" / ref.replace("/", "_").replace(":", "_"))
+        pull_all(mirror.host, image, tmp_path / "first" / slug(ref))
         # The mirror's answer is byte-identical to the upstream's.
         assert inspect_raw(f"{mirror.host}/{ref}") == inspect_raw(f"{upstream.host}/{ref}")
 
     mark = upstream.registry.mark()
     for ref in PUBLIC:
-        pull_all(mirror.host, upstream.images[ref], tmp_path / "again" / ref.replace("/", "_").replace(":", "_"))
+        pull_all(mirror.host, upstream.images[ref], tmp_path / "again" / slug(ref))
     again = upstream.registry.requests(since=mark)
     assert [r for r in again if r.is_blob_get] == []
     assert [r for r in again if "/manifests/sha256:" in r.path] == []

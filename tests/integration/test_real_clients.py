@@ -23,7 +23,8 @@ def test_docker_daemon_pulls_small_through_the_mirror(
     image = upstream.images["library/small:latest"]
     assert daemon.image_digest("small") == image.digest
     # It really went through the mirror to the upstream.
-    fetched = [r.path for r in upstream.registry.requests(since=mark) if r.is_blob_get and r.status == 200]
+    seen = upstream.registry.requests(since=mark)
+    fetched = [r.path for r in seen if r.is_blob_get and r.status == 200]
     assert len(fetched) == len(image.blobs)
 
 

@@ -1,0 +1,156 @@
+"""Keeping the cache under its byte budget: the least recently used content goes first.
+
+Usage is a counter of the bytes under blobs/: set by a scan every `RESCAN` seconds (10k
+files: ~0.1 s, in a thread) and bumped by every commit in this process, so a commit that
+passes the budget wakes the evictor at once. Other workers' commits show at the next
+scan; every worker runs an evictor, and they take turns through the `evict` lock (a busy
+lock means another process is evicting right now).
+
+A pass scans blobs/ and removes content in order of last use (`Recency`: this process's
+pending hits, then the index; else the file's mtime) until the total is under `LOW_WATER`
+of the budget, so that passes do not run at every commit. Never removed:
+- pinned content;
+- content used (or committed) in the last `GRACE` seconds, whatever the budget: a follower
+  in another worker may not have seen the commit yet, and it is in use;
+- fills in progress: they live in tmp/, not blobs/.
+Removal is unlink(2): a client already reading the file keeps its descriptor and gets every
+byte; the next request misses and fetches again. Tag records stay: offline serving falls
+back to them, and a tag whose manifest was evicted simply misses (online: refetched).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+from mirror.store import FillLock, Store
+
+log = logging.getLogger("mirror.evict")
+
+RESCAN = 60.0  # seconds between scans when nothing wakes the evictor earlier
+GRACE = 2.0  # content used this recently stays, even over budget
+LOW_WATER = 0.9  # a pass frees down to this fraction of the budget
+DEFAULT_SHARE = 0.8  # default budget: this share of the room the cache has at start
+MIN_INTERVAL = 1.0  # seconds between two passes of one process
+
+
+@dataclass(frozen=True, slots=True)
+class Pass:
+    total: int  # bytes under blobs/ after the pass
+    removed: int  # entries removed
+    freed: int  # bytes removed
+    kept_recent: bool  # over budget still, because of content used within GRACE
+
+
+def default_budget(store: Store, held: int | None = None) -> int:
+    """`DEFAULT_SHARE` of the room the cache has: what it holds plus the free space.
+
+    Counting what it holds keeps the budget stable across restarts (a fuller cache has less
+    free space left), so a restart does not evict what the previous run was allowed to keep.
+    """
+    if held is None:
+        held = sum(e.size for e in store.entries() if e.digest is not None)
+    st = os.statvfs(store.root)
+    return int(DEFAULT_SHARE * (held + st.f_bavail * st.f_frsize))
+
+
+def evict_once(store: Store, budget: int, grace: float = GRACE) -> Pass | None:
+    """One pass (blocking: run it in a thread); None if another process is evicting."""
+    lock = FillLock(store.locks / "evict.lock")
+    if not lock.acquire():
+        return None
+    try:
+        entries = [e for e in store.entries() if e.digest is not None]
+        total = sum(e.size for e in entries)
+        if total <= budget:
+            return Pass(total, 0, 0, False)
+        target = int(budget * LOW_WATER)
+        now = time.time()
+        recency = store.recency
+        aged = sorted(
+            ((max(recency.last_used(str(e.digest)) or 0.0, e.mtime), e) for e in entries),
+            key=lambda pair: pair[0])
+        removed = freed = 0
+        kept_recent = False
+        gone: list[str] = []
+        for used, entry in aged:
+            if total <= target:
+                break
+            if now - used < grace:
+                kept_recent = True  # sorted: everything after this was used more recently
+                break
+            if store.index.pinned(str(entry.digest)):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+                removed += 1
+                freed += entry.size
+            total -= entry.size
+            gone.append(str(entry.digest))
+        store.index.forget_use(*gone)  # one transaction: a delete each costs ~0.1 ms
+        return Pass(total, removed, freed, kept_recent and total > budget)
+    finally:
+        lock.release()
+
+
+class Evictor:
+    """The background task that keeps one process's view of usage and runs passes."""
+
+    def __init__(self, store: Store, budget: int | None, grace: float = GRACE) -> None:
+        self.store = store
+        self.budget = budget  # None: computed (default_budget) by the first pass
+        self.grace = grace
+        self.used = 0  # bytes under blobs/: last scan plus commits since
+        self.passes = 0
+        self.stuck = False  # over budget with nothing left to evict (pinned content)
+        self._since = 0  # bytes committed while a pass runs
+        self._wake = asyncio.Event()
+
+    def committed(self, size: int) -> None:
+        """Called on every commit in this process (`Store.on_commit`): cheap."""
+        self.used += size
+        self._since += size
+        if self.budget is not None and self.used > self.budget:
+            self._wake.set()
+
+    def _pass(self) -> Pass | None:
+        if self.budget is None:
+            held = sum(e.size for e in self.store.entries() if e.digest is not None)
+            self.budget = default_budget(self.store, held)
+            log.info("cache budget %d bytes (%d%% of the room the cache has; holding %d)",
+                     self.budget, DEFAULT_SHARE * 100, held)
+        return evict_once(self.store, self.budget, self.grace)
+
+    async def run(self) -> None:
+        wait = 0.0  # the first pass runs at once: it learns the usage (and the budget)
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), wait)
+            self._wake.clear()
+            self._since = 0
+            try:
+                result = await asyncio.to_thread(self._pass)
+            except Exception:
+                log.exception("eviction pass failed")
+                result = None
+            self.passes += 1
+            if result is None:  # another process is evicting (or we failed): look again soon
+                wait = MIN_INTERVAL
+                continue
+            self.used = result.total + self._since
+            if result.removed:
+                log.info("evicted %d entries (%d bytes); the cache holds %d of %d bytes",
+                         result.removed, result.freed, result.total, self.budget)
+            stuck = result.total > (self.budget or 0) and not result.kept_recent
+            if stuck and not self.stuck:
+                log.warning("the cache holds %d bytes, over its budget of %d, and all of it "
+                            "is pinned: raise max_cache_size or unpin", result.total,
+                            self.budget)
+            self.stuck = stuck
+            # Over budget only because of recent content: look again once it has aged.
+            wait = self.grace + 0.1 if result.kept_recent else RESCAN
+            await asyncio.sleep(MIN_INTERVAL)
