@@ -47,7 +47,7 @@ def create_app(settings: Settings) -> Starlette:
             except Exception:  # keep sweeping; one bad session must not stop the loop
                 log.exception("upload sweep failed")
 
-    evictor = Evictor(store, settings.max_cache_size)
+    evictor = Evictor(store, settings.max_cache_size, metrics=metrics)
     store.on_commit = evictor.committed
 
     @contextlib.asynccontextmanager

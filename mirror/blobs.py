@@ -57,4 +57,4 @@ class BlobService:
                     response, client.name, errors.BlobUnknown, f"blob {digest}", body)
             return response
 
-        return await self.fills.open(digest, fetch)
+        return await self.fills.open(digest, fetch, client.name)

@@ -27,6 +27,7 @@ import os
 import time
 from dataclasses import dataclass
 
+from mirror.metrics import Metrics
 from mirror.store import FillLock, Store
 
 log = logging.getLogger("mirror.evict")
@@ -41,6 +42,7 @@ MIN_INTERVAL = 1.0  # seconds between two passes of one process
 @dataclass(frozen=True, slots=True)
 class Pass:
     total: int  # bytes under blobs/ after the pass
+    entries: int  # entries under blobs/ after the pass
     removed: int  # entries removed
     freed: int  # bytes removed
     kept_recent: bool  # over budget still, because of content used within GRACE
@@ -67,7 +69,7 @@ def evict_once(store: Store, budget: int, grace: float = GRACE) -> Pass | None:
         entries = [e for e in store.entries() if e.digest is not None]
         total = sum(e.size for e in entries)
         if total <= budget:
-            return Pass(total, 0, 0, False)
+            return Pass(total, len(entries), 0, 0, False)
         target = int(budget * LOW_WATER)
         now = time.time()
         recency = store.recency
@@ -92,7 +94,8 @@ def evict_once(store: Store, budget: int, grace: float = GRACE) -> Pass | None:
             total -= entry.size
             gone.append(str(entry.digest))
         store.index.forget_use(*gone)  # one transaction: a delete each costs ~0.1 ms
-        return Pass(total, removed, freed, kept_recent and total > budget)
+        return Pass(total, len(entries) - removed, removed, freed,
+                    kept_recent and total > budget)
     finally:
         lock.release()
 
@@ -100,8 +103,10 @@ def evict_once(store: Store, budget: int, grace: float = GRACE) -> Pass | None:
 class Evictor:
     """The background task that keeps one process's view of usage and runs passes."""
 
-    def __init__(self, store: Store, budget: int | None, grace: float = GRACE) -> None:
+    def __init__(self, store: Store, budget: int | None, grace: float = GRACE,
+                 metrics: Metrics | None = None) -> None:
         self.store = store
+        self.metrics = metrics
         self.budget = budget  # None: computed (default_budget) by the first pass
         self.grace = grace
         self.used = 0  # bytes under blobs/: last scan plus commits since
@@ -114,6 +119,8 @@ class Evictor:
         """Called on every commit in this process (`Store.on_commit`): cheap."""
         self.used += size
         self._since += size
+        if self.metrics is not None:
+            self.metrics.cache_bytes.set(self.used)
         if self.budget is not None and self.used > self.budget:
             self._wake.set()
 
@@ -142,6 +149,12 @@ class Evictor:
                 wait = MIN_INTERVAL
                 continue
             self.used = result.total + self._since
+            if self.metrics is not None:
+                self.metrics.cache_bytes.set(self.used)
+                self.metrics.cache_entries.set(result.entries)
+                self.metrics.cache_budget.set(self.budget or 0)
+                self.metrics.evictions.inc(result.removed)
+                self.metrics.evicted_bytes.inc(result.freed)
             if result.removed:
                 log.info("evicted %d entries (%d bytes); the cache holds %d of %d bytes",
                          result.removed, result.freed, result.total, self.budget)

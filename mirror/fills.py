@@ -28,6 +28,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import httpx
 
 from mirror.errors import RegistryError, StreamAborted, UpstreamError, UpstreamTimeout
+from mirror.metrics import Metrics
 from mirror.reference import Digest
 from mirror.relay import Relay
 from mirror.store import CHUNK, DISK_FULL, FillLock, Store, lock_is_held
@@ -78,6 +79,7 @@ class Fill:
         self.lock: FillLock | None = None
         self.followers: set[LocalReader] = set()
         self.relay: Relay | None = None  # the disk filled up: relayed, not cached
+        self.upstream = ""  # where it downloads from (a metrics label)
 
     @property
     def done(self) -> bool:
@@ -243,41 +245,58 @@ class RemoteReader(Reader):
 
 
 class Fills:
-    def __init__(self, store: Store, wait_timeout: float = 60.0) -> None:
+    def __init__(self, store: Store, wait_timeout: float = 60.0,
+                 metrics: Metrics | None = None) -> None:
         self.store = store
+        self.metrics = metrics
         self.wait_timeout = wait_timeout
         self.active: dict[Digest, Fill] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.joined = 0  # clients that joined a fill someone else started
 
-    async def open(self, digest: Digest, fetch: Fetch) -> Reader:
-        """A reader over `digest`: from the cache, or following a (new or running) fill."""
+    async def open(self, digest: Digest, fetch: Fetch, upstream: str = "") -> Reader:
+        """A reader over `digest`: from the cache, or following a (new or running) fill.
+
+        `upstream` names where a new fill downloads from (for metrics).
+        """
         for _ in range(5):
             reader = self._committed(digest)
             if reader:
+                self._count("hit")
                 return reader
             fill = self.active.get(digest)
             if fill is not None:
-                self.joined += 1
+                self._joined()
             else:
                 lock = FillLock(self.store.lock_path(digest))
                 if lock.acquire():
                     if self.store.has(digest):
                         lock.release()
                         continue
-                    fill = self._start(digest, lock, fetch)
+                    fill = self._start(digest, lock, fetch, upstream)
             if fill is not None:
                 await fill.started.wait()
                 if fill.error is not None and fill.size is None:
                     raise fill.error
                 if fill.fd < 0:
                     continue  # finished or failed meanwhile: look again
+                self._count("miss")
                 return LocalReader(os.dup(fill.fd), fill)
             reader = await self._follow_remote(digest)
             if reader:
-                self.joined += 1
+                self._joined()
+                self._count("miss")
                 return reader
         raise UpstreamError(f"could not fetch {digest}: the download kept failing")
+
+    def _count(self, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.lookups.labels("blob", result).inc()
+
+    def _joined(self) -> None:
+        self.joined += 1
+        if self.metrics is not None:
+            self.metrics.fill_joins.inc()
 
     def _committed(self, digest: Digest) -> Reader | None:
         try:
@@ -287,10 +306,13 @@ class Fills:
         self.store.recency.touch(digest)
         return CommittedReader(fd, os.fstat(fd).st_size)
 
-    def _start(self, digest: Digest, lock: FillLock, fetch: Fetch) -> Fill:
+    def _start(self, digest: Digest, lock: FillLock, fetch: Fetch, upstream: str) -> Fill:
         fill = Fill(digest)
+        fill.upstream = upstream
         log.debug("fill of %s started in process %d", digest, os.getpid())
         self.active[digest] = fill
+        if self.metrics is not None:
+            self.metrics.fills.inc()
         task = asyncio.create_task(self._run(fill, lock, fetch), name=f"fill {digest}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -347,6 +369,10 @@ class Fills:
             fill.committed = True  # verified: readers may have the last byte
         except BaseException as exc:
             fill.error = exc
+            if self.metrics is not None and not isinstance(exc, asyncio.CancelledError):
+                reason = ("digest_mismatch" if isinstance(exc, DigestMismatch)
+                          else "upstream" if isinstance(exc, RegistryError) else "error")
+                self.metrics.fill_failures.labels(reason).inc()
             if fill.relay is None:  # once detached, the paths may be another fill's
                 with contextlib.suppress(FileNotFoundError):
                     part.unlink()
@@ -364,6 +390,8 @@ class Fills:
             lock.release()
             if self.active.get(digest) is fill:
                 del self.active[digest]
+            if self.metrics is not None:
+                self.metrics.fills.dec()
             fill.started.set()
             fill.notify()
 
@@ -376,6 +404,8 @@ class Fills:
         """
         digest = fill.digest
         fill.relay = Relay(start, fill.followers)
+        if self.metrics is not None:
+            self.metrics.fill_failures.labels("disk_full").inc()
         for path in (self.store.partial_path(digest), self.store.size_path(digest)):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
@@ -417,6 +447,8 @@ class Fills:
             if fill.relay is not None:
                 await fill.relay.put(data[landed:])
             fill.written += len(data)
+            if self.metrics is not None:
+                self.metrics.upstream_bytes.labels(fill.upstream).inc(len(data))
 
         # Hashing and writing (in a thread) overlap with reading the socket: a few MiB
         # queue up between them; a full queue holds back reading.

@@ -38,6 +38,7 @@ def build(settings: Settings, metrics: Metrics | None = None) -> Services:
         ttl = client.upstream.tag_ttl
         return settings.tag_ttl if ttl is None else ttl
 
-    fills = Fills(store, wait_timeout=settings.connect_timeout + settings.read_timeout)
+    fills = Fills(store, wait_timeout=settings.connect_timeout + settings.read_timeout,
+                  metrics=metrics)
     manifests = ManifestService(store, tag_ttl, settings.negative_ttl, metrics)
     return Services(settings, store, clients, fills, manifests, BlobService(store, fills))

@@ -32,7 +32,7 @@ def copied_digests(dest: Path) -> set[str]:
 
 
 def slug(ref: str) -> str:
-    return slug(ref)
+    return ref.replace("/", "_").replace(":", "_")
 
 
 def pull_all(mirror_host: str, image: ImageInfo, dest: Path) -> None:
