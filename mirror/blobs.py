@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import httpx
-
 from mirror import errors
+from mirror.download import Body
 from mirror.fills import Fills, Reader
 from mirror.reference import Digest
 from mirror.store import Store
@@ -43,13 +42,12 @@ class BlobService:
     ) -> Reader:
         """A reader over the blob; the caller streams `reader.chunks(...)` (which closes it)."""
 
-        async def fetch(offset: int) -> httpx.Response:
+        async def fetch(offset: int) -> Body:
             headers = {"Accept-Encoding": "identity"}
             if offset:
                 headers["Range"] = f"bytes={offset}-"
-            response = await client.send(
-                "GET", f"/v2/{repo}/blobs/{digest}", repo=repo, headers=headers, stream=True,
-                credential=credential)
+            response = await client.get_blob(
+                f"/v2/{repo}/blobs/{digest}", repo=repo, headers=headers, credential=credential)
             if response.status_code not in (200, 206):
                 body = await response.aread()
                 await response.aclose()

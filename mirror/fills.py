@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httpx
 
+from mirror.download import BodyBroken, Streamed
 from mirror.errors import RegistryError, StreamAborted, UpstreamError, UpstreamTimeout
 from mirror.metrics import Metrics
 from mirror.reference import Digest
@@ -39,7 +40,7 @@ POLL = 0.005  # how often followers in other processes look at a fill's progress
 FLUSH_INTERVAL = 0.05  # hand slow downloads to readers at least this often
 PIPELINE = 4  # MiB chunks queued between the socket and the disk
 # Opens the upstream body from a byte offset (0: the whole blob; more: resuming).
-Fetch = Callable[[int], Awaitable[httpx.Response]]
+Fetch = Callable[[int], Awaitable[Streamed]]
 RESUMES = 3  # a broken download is resumed this many times before the fill gives up
 
 
@@ -417,42 +418,52 @@ class Fills:
                     digest, len(fill.followers), start)
 
     async def _download(
-        self, fill: Fill, fd: int, response: httpx.Response, fetch: Fetch
+        self, fill: Fill, fd: int, response: Streamed, fetch: Fetch
     ) -> None:
         hasher = hashlib.new(fill.digest.algorithm)
         flushed = time.monotonic()
 
-        def write(data: bytes) -> int:
-            """Hash and write `data`; returns how much landed (less: the disk is full)."""
-            hasher.update(data)
-            view = memoryview(data)
+        def hash_only(parts: list[bytes]) -> None:
+            for part in parts:
+                hasher.update(part)
+
+        def write(parts: list[bytes]) -> int:
+            """Hash and write `parts`; returns how much landed (less: the disk is full)."""
+            if len(parts) > 512:  # writev takes at most IOV_MAX (1024) buffers
+                parts = [b"".join(parts)]
+            hash_only(parts)
+            total = sum(len(part) for part in parts)
             done = 0
-            while done < len(data):
+            while done < total:
                 try:
-                    done += os.write(fd, view[done:])
+                    if done == 0:
+                        done = os.writev(fd, parts)  # no joining: one syscall, no copy
+                    else:
+                        done += os.write(fd, b"".join(parts)[done:])
                 except OSError as exc:
                     if exc.errno not in DISK_FULL:
                         raise
                     break
             return done
 
-        async def emit(data: bytes) -> None:
+        async def emit(parts: list[bytes]) -> None:
+            size = sum(len(part) for part in parts)
             landed = 0
             if fill.relay is None:
-                landed = await asyncio.to_thread(write, data)
-                if landed < len(data):
+                landed = await asyncio.to_thread(write, parts)
+                if landed < size:
                     self._detach(fill, fill.written + landed)
             else:
-                await asyncio.to_thread(hasher.update, data)
+                await asyncio.to_thread(hash_only, parts)
             if fill.relay is not None:
-                await fill.relay.put(data[landed:])
-            fill.written += len(data)
+                await fill.relay.put(b"".join(parts)[landed:])
+            fill.written += size
             if self.metrics is not None:
-                self.metrics.upstream_bytes.labels(fill.upstream).inc(len(data))
+                self.metrics.upstream_bytes.labels(fill.upstream).inc(size)
 
         # Hashing and writing (in a thread) overlap with reading the socket: a few MiB
         # queue up between them; a full queue holds back reading.
-        queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=PIPELINE)
+        queue: asyncio.Queue[list[bytes] | None] = asyncio.Queue(maxsize=PIPELINE)
         failed: list[Exception] = []
 
         async def writer() -> None:
@@ -467,7 +478,7 @@ class Fills:
 
         writing = asyncio.create_task(writer())
         received = pending = skip = resumes = 0
-        parts: list[bytes] = []  # joined only when small: big reads pass uncopied
+        parts: list[bytes] = []  # written with writev: never joined
         try:
             while True:
                 try:
@@ -479,13 +490,13 @@ class Fills:
                         received += len(chunk)
                         now = time.monotonic()
                         if pending >= CHUNK or now - flushed > FLUSH_INTERVAL:
-                            await queue.put(parts[0] if len(parts) == 1 else b"".join(parts))
+                            await queue.put(parts)
                             parts, pending, flushed = [], 0, now
                             if failed or (fill.size is not None and received > fill.size):
                                 break
                     broken: Exception | None = None
-                except httpx.TransportError as exc:  # reset, truncated, stalled
-                    broken = exc
+                except (httpx.TransportError, BodyBroken, UpstreamTimeout) as exc:
+                    broken = exc  # reset, truncated, stalled
                 if failed or fill.size is None or received >= fill.size:
                     if broken is not None:
                         raise broken
@@ -505,7 +516,7 @@ class Fills:
                 else:
                     skip = received
             if parts:
-                await queue.put(b"".join(parts))
+                await queue.put(parts)
             await queue.put(None)
             await writing
             if failed:

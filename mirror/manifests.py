@@ -234,6 +234,7 @@ class ManifestService:
             self._seen_generation = generation
             for cache in self._tags.values():
                 cache.clear()
+            self._missing.clear()
 
     def pushed(self, upstream: str, repo: str, data: bytes, media_type: str,
                tag: str | None) -> ManifestInfo:
@@ -251,10 +252,13 @@ class ManifestService:
         self.forget_tags()
         return info
 
-    def deleted(self, digest: Digest | None) -> None:
-        if digest is not None:
-            self._hot.pop(digest, None)
-            self.store.remove(digest)
+    def deleted(self, upstream: str, repo: str, reference: Digest | str) -> None:
+        """A manifest (by digest) or a tag was deleted upstream through us."""
+        if isinstance(reference, Digest):
+            self._hot.pop(reference, None)
+            self.store.remove(reference)
+        else:  # older resolutions of the tag are void
+            self.store.index.set_pushed(upstream, repo, reference)
         self.forget_tags()
 
     def forget_tags(self) -> None:

@@ -90,7 +90,7 @@ class PushHandlers:
             if response.status_code not in (200, 202):
                 raise upstream_error(response, client.name, errors.ManifestUnknown,
                                      f"manifest {repo}@{reference}", response.content)
-            self.manifests.deleted(reference if isinstance(reference, Digest) else None)
+            self.manifests.deleted(client.name, repo, reference)
             return Response(status_code=202, headers=API_VERSION)
         length = content_length(request)
         if length is not None and length > MAX_MANIFEST:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Protocol, TypeVar
 from urllib.parse import urljoin, urlsplit
 
 import httpx
 
 from mirror import errors
+from mirror.download import Body, Downloader
 from mirror.metrics import Metrics
 from mirror.settings import Settings, Upstream
 from mirror.tokens import (
@@ -26,6 +28,17 @@ from mirror.tokens import (
 )
 
 MAX_REDIRECTS = 5
+
+
+class _Answer(Protocol):
+    @property
+    def status_code(self) -> int: ...
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+    async def aclose(self) -> None: ...
+
+
+_R = TypeVar("_R", bound=_Answer)
 # httpcore reads sockets 64 KiB at a time and parses each piece in Python: for multi-GB
 # layers that caps a download near 400 MB/s here. 1 MiB reads double it.
 READ_SIZE = 1 << 20
@@ -56,6 +69,8 @@ class UpstreamClient:
             timeout=timeout, follow_redirects=False, trust_env=False,
             limits=httpx.Limits(max_connections=200, max_keepalive_connections=50))
         self.tokens = TokenCache(self.http, upstream.name, metrics)
+        self.downloads = Downloader(upstream.name, settings.connect_timeout,
+                                    settings.read_timeout)
         self.basic = (httpx.BasicAuth(upstream.username, upstream.password or "")
                       if upstream.username else None)
         # Learnt from the first 401: lets later requests carry a token at once.
@@ -63,6 +78,7 @@ class UpstreamClient:
 
     async def aclose(self) -> None:
         await self.http.aclose()
+        await self.downloads.aclose()
 
     async def send(
         self,
@@ -85,24 +101,66 @@ class UpstreamClient:
         the client's. A streamed `content` cannot be sent twice, so the challenge is learnt
         first. With `stream=True` the caller owns the response and must `aclose()` it.
         """
+        url = self._url(path)
+        scope = " ".join(filter(None, (repository_scope(repo, actions), extra_scope)))
+        once = content is not None and not isinstance(content, bytes)
+        if once:
+            await self.discover_challenge()
+
+        async def attempt(request_headers: dict[str, str]) -> httpx.Response:
+            return await self._send_following(
+                method, url, request_headers, params, stream, content)
+
+        return await self._authenticated(attempt, headers, scope, credential, once)
+
+    async def get_blob(
+        self, path: str, *, repo: str, headers: dict[str, str],
+        credential: Credential | None = None,
+    ) -> Body:
+        """GET a blob for streaming through aiohttp (see `mirror.download`)."""
+        url = self._url(path)
+        started = time.perf_counter()
+
+        async def attempt(request_headers: dict[str, str]) -> Body:
+            try:
+                body = await self.downloads.get(url, request_headers, MAX_REDIRECTS)
+            except errors.UpstreamTimeout:
+                self._observe("timeout", started)
+                raise
+            except errors.UpstreamError:
+                self._observe("error", started)
+                raise
+            self._observe(str(body.status_code), started)
+            return body
+
+        return await self._authenticated(
+            attempt, headers, repository_scope(repo), credential, False)
+
+    def _url(self, path: str) -> str:
         if self.offline:
             raise errors.Unavailable(f"offline mode: upstream {self.name} is not contacted")
         url = path if path.startswith(("http://", "https://")) else self.upstream.url + path
         if urlsplit(url)[:2] != urlsplit(self.upstream.url)[:2]:
             raise errors.UpstreamError(f"upstream {self.name} pointed us at another host")
-        scope = " ".join(filter(None, (repository_scope(repo, actions), extra_scope)))
+        return url
+
+    async def _authenticated(
+        self,
+        attempt: Callable[[dict[str, str]], Awaitable[_R]],
+        headers: dict[str, str] | None,
+        scope: str,
+        credential: Credential | None,
+        once: bool,
+    ) -> _R:
+        """Send with our best authorization; on a challenge, learn it and send once more."""
         basic = self.basic if credential is None else credential.basic
-        once = content is not None and not isinstance(content, bytes)
-        if once:
-            await self.discover_challenge()
-        for attempt in range(2):
+        for tried in range(2):
             request_headers = dict(headers or {})
             auth = await self._authorization(scope, basic, credential)
             if auth:
                 request_headers["Authorization"] = auth
-            response = await self._send_following(
-                method, url, request_headers, params, stream, content)
-            if (response.status_code != 401 or attempt or once
+            response = await attempt(request_headers)
+            if (response.status_code != 401 or tried or once
                     or (credential and credential.bearer)):
                 return response
             challenge = parse_challenge(response.headers.get("www-authenticate", ""))
@@ -190,7 +248,7 @@ class UpstreamClient:
 
 
 def upstream_error(
-    response: httpx.Response,
+    response: _Answer,
     upstream: str,
     not_found: type[errors.RegistryError],
     what: str,

@@ -101,7 +101,7 @@ def store(tmp_path: Path) -> Iterator[Store]:
 
 @pytest.fixture
 def disk_room(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
-    """Partials (`*.part`) may take `room["bytes"]` bytes in all; then os.write says ENOSPC."""
+    """Partials (`*.part`) may take `room["bytes"]` bytes in all; then writes say ENOSPC."""
     room = {"bytes": 0}
     real_write = os.write
 
@@ -113,7 +113,11 @@ def disk_room(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
             room["bytes"] -= len(data)
         return real_write(fd, data)
 
+    def writev(fd: int, buffers: list[bytes]) -> int:
+        return write(fd, b"".join(buffers))
+
     monkeypatch.setattr(os, "write", write)
+    monkeypatch.setattr(os, "writev", writev)
     return room
 
 
