@@ -121,6 +121,7 @@ class Evictor:
         self._since += size
         if self.metrics is not None:
             self.metrics.cache_bytes.set(self.used)
+            self.metrics.cache_entries.inc()
         if self.budget is not None and self.used > self.budget:
             self._wake.set()
 

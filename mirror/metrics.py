@@ -87,6 +87,15 @@ class Metrics:
         self.errors = Counter(
             "mirror_errors", "Error answers, by OCI error code.", ["code"], registry=r)
 
+        # Fixed label sets exist from the start at 0, so rates and ratios are right at once.
+        for kind in ("manifest", "tag", "blob"):
+            for result in ("hit", "miss", "stale", "negative"):
+                self.lookups.labels(kind, result)
+        for source in ("cache", "upstream"):
+            self.served_bytes.labels(source)
+        for outcome in ("ok", "timeout", "too_large", "error"):
+            self.uploads.labels(outcome)
+
     def exposition(self) -> tuple[bytes, str]:
         """The text to answer a scrape with: summed over workers in multiprocess mode."""
         if os.environ.get(MULTIPROC_ENV):

@@ -120,7 +120,8 @@ class Handlers:
         assert isinstance(exc, errors.RegistryError)
         if self.metrics is not None:
             self.metrics.errors.labels(exc.code).inc()
-            if exc.status in (401, 403):
+            if exc.status in (401, 403) and "name" in request.path_params:
+                # (not the bare /v2/ ping every client starts with)
                 self.metrics.denials.labels(exc.code.lower()).inc()
             if exc.status == 401:
                 self.metrics.challenges.inc()
