@@ -42,6 +42,9 @@ class Upstream:
     expose_private: bool = False
     # Send clients the upstream's own challenge (they fetch tokens from the upstream).
     auth_passthrough: bool = False
+    # Timeouts for this upstream only (seconds); None: the global ones.
+    connect_timeout: float | None = None
+    read_timeout: float | None = None
 
     @property
     def host(self) -> str:
@@ -141,8 +144,9 @@ def parse_upstream(spec: str | Mapping[str, Any]) -> Upstream:
     unknown = set(data) - known
     if unknown:
         raise SettingsError(f"upstream {data['name']}: unknown setting(s) {sorted(unknown)}")
-    if data.get("tag_ttl") is not None:
-        data["tag_ttl"] = _positive("upstream.tag_ttl", data["tag_ttl"])
+    for key in ("tag_ttl", "connect_timeout", "read_timeout"):
+        if data.get(key) is not None:
+            data[key] = _positive(f"upstream.{key}", data[key])
     return Upstream(**data)
 
 

@@ -62,15 +62,14 @@ class UpstreamClient:
         _widen_reads()
         self.name = upstream.name
         self.offline = settings.offline
-        timeout = httpx.Timeout(
-            connect=settings.connect_timeout, read=settings.read_timeout,
-            write=settings.read_timeout, pool=settings.connect_timeout)
+        connect = upstream.connect_timeout or settings.connect_timeout
+        read = upstream.read_timeout or settings.read_timeout
+        timeout = httpx.Timeout(connect=connect, read=read, write=read, pool=connect)
         self.http = httpx.AsyncClient(
             timeout=timeout, follow_redirects=False, trust_env=False,
             limits=httpx.Limits(max_connections=200, max_keepalive_connections=50))
         self.tokens = TokenCache(self.http, upstream.name, metrics)
-        self.downloads = Downloader(upstream.name, settings.connect_timeout,
-                                    settings.read_timeout)
+        self.downloads = Downloader(upstream.name, connect, read)
         self.basic = (httpx.BasicAuth(upstream.username, upstream.password or "")
                       if upstream.username else None)
         # Learnt from the first 401: lets later requests carry a token at once.

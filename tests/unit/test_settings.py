@@ -400,3 +400,22 @@ def test_cli_flags_reach_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.workers == 2
     assert settings.listen == "127.0.0.1:5555"
     assert [u.name for u in settings.upstreams] == ["a", "b.example"]
+
+
+def test_an_upstream_can_have_its_own_timeouts(tmp_path: Path) -> None:
+    from mirror.upstream import UpstreamClient
+
+    config = tmp_path / "m.toml"
+    config.write_text('[[upstreams]]\nname = "slow"\nurl = "http://127.0.0.1:9"\n'
+                      'connect_timeout = 2\nread_timeout = 3.5\n'
+                      '[[upstreams]]\nname = "other"\nurl = "http://127.0.0.1:8"\n')
+    settings = load({"config": str(config)}, env={})
+    slow, other = (UpstreamClient(u, settings) for u in settings.upstreams)
+    assert (slow.http.timeout.connect, slow.http.timeout.read) == (2.0, 3.5)
+    assert slow.downloads.timeout.sock_read == 3.5
+    assert (other.http.timeout.connect, other.http.timeout.read) == (
+        settings.connect_timeout, settings.read_timeout)
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[upstreams]]\nurl = "http://127.0.0.1:9"\nread_timeout = -1\n')
+    with pytest.raises(SettingsError, match="read_timeout"):
+        load({"config": str(bad)}, env={})
