@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from mirror import errors
 from mirror.download import Body
-from mirror.fills import Fills, Reader
+from mirror.fills import Fills
+from mirror.readers import Reader
 from mirror.reference import Digest
 from mirror.store import Store
 from mirror.tokens import Credential

@@ -1,10 +1,15 @@
-"""Single flight within one process: concurrent callers of one key share one run."""
+"""Single flight: concurrent callers of one key share one run of the work, within one
+process (`SingleFlight`) and across worker processes (`exclusive`)."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, TypeVar
+
+from mirror.errors import UpstreamTimeout
+from mirror.store import POLL, FillLock, Store, lock_is_held
 
 T = TypeVar("T")
 
@@ -33,3 +38,19 @@ class SingleFlight:
             del self._pending[key]
         if not task.cancelled():
             task.exception()  # retrieved: every waiter may be gone
+
+
+async def exclusive(store: Store, name: str, timeout: float) -> FillLock | None:
+    """Across processes: take the lock `name`, or wait for its holder to finish (None).
+
+    Callers re-check the shared result after a None: the holder produced it.
+    """
+    lock = FillLock(store.locks / f"{name}.lock")
+    if lock.acquire():
+        return lock
+    deadline = time.monotonic() + timeout
+    while lock_is_held(lock.path):
+        if time.monotonic() > deadline:
+            raise UpstreamTimeout(f"timed out waiting for another worker fetching {name}")
+        await asyncio.sleep(POLL)
+    return None

@@ -20,8 +20,7 @@ from dataclasses import dataclass
 import cachetools
 
 from mirror import errors
-from mirror.fills import exclusive
-from mirror.flight import SingleFlight
+from mirror.flight import SingleFlight, exclusive
 from mirror.index import AcceptKey
 from mirror.metrics import Metrics
 from mirror.reference import Digest, parse_digest

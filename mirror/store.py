@@ -33,6 +33,7 @@ from mirror.reference import ALGORITHMS, Digest
 log = logging.getLogger("mirror.store")
 
 CHUNK = 1 << 20
+POLL = 0.005  # how often a process looks at another's fill or lock
 STALE_TMP = 3600.0  # seconds after which a private temporary file is surely abandoned
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mirror.fills import exclusive
-from mirror.flight import SingleFlight
+from mirror.flight import SingleFlight, exclusive
 from mirror.reference import Digest
 from mirror.store import FillLock, Store, lock_is_held
 

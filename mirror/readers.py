@@ -1,0 +1,200 @@
+"""How a client reads a blob: verified content from the cache, or the partial file of a
+fill running in this process (woken as bytes land) or in another worker (polled).
+
+A reader never hands out the blob's last byte before the blob is committed, so a client
+can only ever see a complete body that was verified; on failure its stream is aborted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import mmap
+import os
+from collections.abc import AsyncIterator
+
+from mirror.errors import StreamAborted
+from mirror.reference import Digest
+from mirror.relay import Relay
+from mirror.store import CHUNK, POLL, FillLock, Store, lock_is_held
+
+
+class Fill:
+    """A download in progress in this process."""
+
+    def __init__(self, digest: Digest) -> None:
+        self.digest = digest
+        self.size: int | None = None
+        self.written = 0
+        self.committed = False
+        self.error: BaseException | None = None
+        self.started = asyncio.Event()  # size known, or failed
+        self.readers = 0
+        self._progress = asyncio.Event()
+        self.fd = -1  # the partial (read-write) while the fill runs: readers dup it
+        self.lock: FillLock | None = None
+        self.followers: set[LocalReader] = set()
+        self.relay: Relay | None = None  # the disk filled up: relayed, not cached
+        self.upstream = ""  # where it downloads from (a metrics label)
+
+    @property
+    def done(self) -> bool:
+        return self.committed or self.error is not None
+
+    def notify(self) -> None:
+        event, self._progress = self._progress, asyncio.Event()
+        event.set()
+
+    async def wait(self, timeout: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._progress.wait(), timeout)
+
+
+class Reader:
+    """Streams a blob from a file descriptor: committed content or a growing partial."""
+
+    source = "cache"  # where the bytes come from, for metrics: cache, or upstream (a fill)
+
+    def __init__(self, fd: int, size: int | None) -> None:
+        self.fd = fd
+        self.size = size
+        self.pos = 0  # the next byte to read
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    # How much may be read now, and whether the content is verified and complete.
+    def progress(self) -> tuple[int, bool]:
+        return os.fstat(self.fd).st_size, True
+
+    def failed(self) -> bool:
+        return False
+
+    async def wait(self) -> None:
+        await asyncio.sleep(POLL)
+
+    async def read(self, pos: int, size: int) -> bytes | memoryview:
+        return await asyncio.to_thread(os.pread, self.fd, size, pos)
+
+    async def chunks(
+        self, start: int, end: int | None
+    ) -> AsyncIterator[bytes | memoryview]:
+        """Bytes [start, end) (end None: to the end of the blob); the fd is closed after."""
+        pos = self.pos = start
+        try:
+            while True:
+                available, committed = self.progress()
+                stop = end if end is not None else (available if committed else None)
+                if stop is not None and pos >= stop:
+                    return
+                limit = available if committed else available - 1  # keep back the last byte
+                if stop is not None:
+                    limit = min(limit, stop)
+                if limit > pos:
+                    data = await self.read(pos, min(CHUNK, limit - pos))
+                    if not data:
+                        raise StreamAborted(f"blob {self.size} bytes ended early at {pos}")
+                    pos += len(data)
+                    yield data
+                elif self.failed():
+                    raise StreamAborted("upstream download failed")
+                else:
+                    await self.wait()
+        finally:
+            self.close()
+
+
+class CommittedReader(Reader):
+    """Reads verified content from the cache."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        super().__init__(fd, size)
+        self._view: memoryview | None = None
+
+    async def read(self, pos: int, size: int) -> bytes | memoryview:
+        """Committed content is immutable: map it and hand out views of the page cache
+        (no copy and no thread hop: 1.6x the throughput of pread here)."""
+        if self._view is None:
+            self._view = memoryview(mmap.mmap(self.fd, 0, prot=mmap.PROT_READ))
+        return self._view[pos:pos + size]
+
+
+class LocalReader(Reader):
+    """Follows a fill running in this process."""
+
+    source = "upstream"
+
+    def __init__(self, fd: int, fill: Fill) -> None:
+        super().__init__(fd, fill.size)
+        self.fill = fill
+        self.dropped = False  # the relay gave up waiting for this reader
+        fill.readers += 1
+        fill.followers.add(self)
+        if fill.relay is not None:
+            fill.relay.moved()
+
+    def progress(self) -> tuple[int, bool]:
+        return self.fill.written, self.fill.committed
+
+    def failed(self) -> bool:
+        return self.fill.error is not None
+
+    async def wait(self) -> None:
+        await self.fill.wait(1.0)
+
+    async def read(self, pos: int, size: int) -> bytes | memoryview:
+        relay = self.fill.relay
+        if relay is None or pos + size <= relay.start:
+            data = await super().read(pos, size)
+        elif pos < relay.start:  # what reached the disk is in our (unlinked) partial
+            data = await super().read(pos, relay.start - pos)
+        else:
+            data = relay.read(self, pos, size)
+        self.pos = pos + len(data)
+        if relay is not None:
+            relay.moved()
+        return data
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            self.fill.readers -= 1
+            self.fill.followers.discard(self)
+            if self.fill.relay is not None:
+                self.fill.relay.moved()
+        super().close()
+
+
+class RemoteReader(Reader):
+    """Follows a fill running in another worker process, through the file system."""
+
+    source = "upstream"
+
+    def __init__(self, fd: int, size: int | None, store: Store, digest: Digest) -> None:
+        super().__init__(fd, size)
+        self.store = store
+        self.digest = digest
+        self.verified = False  # saw the commit: the fd holds the verified blob, evicted or not
+
+    def progress(self) -> tuple[int, bool]:
+        if self.verified:
+            return os.fstat(self.fd).st_size, True
+        try:
+            final = os.stat(self.store.path(self.digest))
+        except FileNotFoundError:
+            return os.fstat(self.fd).st_size, False
+        if final.st_ino != os.fstat(self.fd).st_ino:
+            # Our partial was abandoned and someone else committed: read theirs.
+            fd = os.open(self.store.path(self.digest), os.O_RDONLY)
+            os.close(self.fd)
+            self.fd = fd
+        self.verified = True
+        return final.st_size, True
+
+    def failed(self) -> bool:
+        if self.store.has(self.digest):
+            return False
+        # The filler gave up (lock free), or stopped caching (partial unlinked: disk full).
+        return (os.fstat(self.fd).st_nlink == 0
+                or not lock_is_held(self.store.lock_path(self.digest)))
