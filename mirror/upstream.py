@@ -275,6 +275,11 @@ def upstream_error(
         return errors.Denied(f"upstream {upstream} denied access to {what}")
     if 400 <= status < 500 and code in errors.BY_CODE:
         return errors.BY_CODE[code](message or f"upstream {upstream} refused {what}")
+    if status == 503:
+        headers = {"Retry-After": response.headers["retry-after"]} \
+            if "retry-after" in response.headers else {}
+        return errors.Unavailable(f"upstream {upstream} is unavailable (503) for {what}",
+                                  headers=headers)
     return errors.UpstreamError(f"upstream {upstream} answered {status} for {what}")
 
 

@@ -372,7 +372,16 @@ def test_4xx_with_known_code_passes_it_on() -> None:
     assert error.message == "bad manifest"
 
 
-@pytest.mark.parametrize("status", [500, 502, 503, 400, 418])
+def test_an_unavailable_upstream_is_passed_on_as_503_with_retry_after() -> None:
+    error = upstream_error(httpx.Response(503, headers={"Retry-After": "7"}), "reg",
+                           errors.BlobUnknown, "blob x", b"")
+    assert type(error) is errors.Unavailable
+    assert error.status == 503
+    assert error.headers == {"Retry-After": "7"}
+    assert "reg" in error.message
+
+
+@pytest.mark.parametrize("status", [500, 502, 504, 400, 418])
 def test_other_statuses_are_upstream_errors(status: int) -> None:
     error = upstream_error(httpx.Response(status), "reg", errors.BlobUnknown, "blob x",
                            b"oops")
