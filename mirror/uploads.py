@@ -3,8 +3,8 @@
 Each upload session the upstream opens gets an id of ours (random, unguessable); the
 client only ever sees `/v2/<name>/blobs/uploads/<id>`, which maps to that one upstream
 session and nothing else. Sessions live in a small diskcache so every worker knows them.
-Bodies stream through (never whole in memory) and are teed into `tmp/`, so a pushed blob
-whose digest checks out enters the cache (the first pull after a push is a hit).
+Bodies stream through (never whole in memory) and are teed into the cache
+(`mirror.writethrough`), so the first pull after a push is a hit.
 """
 
 from __future__ import annotations
@@ -12,15 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hashlib
 import logging
-import os
 import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 from urllib.parse import urljoin
 
 import diskcache
@@ -29,9 +26,10 @@ import httpx
 from mirror import errors
 from mirror.metrics import Metrics
 from mirror.reference import Digest
-from mirror.store import CHUNK, Store
+from mirror.store import Store
 from mirror.tokens import Credential
 from mirror.upstream import UpstreamClient, upstream_error
+from mirror.writethrough import WriteThrough
 
 log = logging.getLogger("mirror.uploads")
 MAX_MANIFEST = 4 * 1024 * 1024
@@ -80,7 +78,7 @@ class Uploads:
         self.store = store
         self.timeout = timeout
         self.max_size = max_size
-        self._hashers: dict[str, tuple[int, Any]] = {}  # id -> (offset, sha256) in this process
+        self.kept = WriteThrough(store)
         self._credentials: dict[str, Credential] = {}
         self.outcomes: dict[str, int] = {}
 
@@ -116,7 +114,7 @@ class Uploads:
         with contextlib.suppress(errors.RegistryError):
             await client.send("DELETE", session.location, repo=session.repo,
                               credential=credential, actions="pull,push")
-        self._discard(session)
+        self.kept.discard(session.id)
         self._save(replace(session, expired=True))
 
     async def sweep(self, clients: dict[str, UpstreamClient]) -> None:
@@ -213,13 +211,13 @@ class Uploads:
             body=self._limited(body, session.offset, session) if length else None,
             length=length, deadline=self._deadline(session), session=session)
         if response.status_code != 201:
-            self._discard(session)
+            self.kept.discard(session.id)
             raise upstream_error(response, client.name, errors.BlobUploadUnknown,
                                  f"upload to {session.repo}", response.content)
         self.sessions.delete(session.id)
         self._credentials.pop(session.id, None)
         self._count("ok")
-        await self._keep(session, digest)
+        await self.kept.keep(session.id, digest)
         return Forwarded(201, {"Location": f"/v2/{name}/blobs/{digest}",
                                "Docker-Content-Digest": str(digest), "Content-Length": "0"})
 
@@ -240,7 +238,7 @@ class Uploads:
         with contextlib.suppress(errors.RegistryError):
             await client.send("DELETE", session.location, repo=session.repo,
                               credential=credential, actions="pull,push")
-        self._discard(session)
+        self.kept.discard(session.id)
         self.sessions.delete(session.id)
         self._credentials.pop(session.id, None)
         return Forwarded(204)
@@ -257,7 +255,7 @@ class Uploads:
     ) -> AsyncIterator[bytes]:
         """The client's body, cut off past the size limit, teed into the cache's tmp/."""
         total = offset
-        tee = self._tee(session, offset) if session else None
+        tee = self.kept.tee(session.id, offset) if session else None
         async for chunk in body:
             total += len(chunk)
             if total > self.max_size:
@@ -319,82 +317,6 @@ class Uploads:
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
         if self.metrics is not None:
             self.metrics.uploads.labels(outcome).inc()
-
-    # -- write-through ---------------------------------------------------------------------
-
-    def _partial(self, session: Session) -> Path:
-        return self.store.tmp / f"upload-{session.id}.part"
-
-    def _tee(self, session: Session, offset: int) -> _Tee:
-        return _Tee(self._partial(session), offset, self._hashers, session.id)
-
-    def _discard(self, session: Session) -> None:
-        self._hashers.pop(session.id, None)
-        with contextlib.suppress(FileNotFoundError):
-            self._partial(session).unlink()
-
-    async def _keep(self, session: Session, digest: Digest) -> None:
-        """Commit what streamed through if it is exactly the blob the upstream accepted."""
-        partial = self._partial(session)
-        state = self._hashers.pop(session.id, None)
-        try:
-            size = partial.stat().st_size
-        except FileNotFoundError:
-            return
-        if state is not None and state[0] == size and digest.algorithm == "sha256":
-            actual = state[1].hexdigest()
-        else:  # chunks went through several workers: hash the file itself
-            actual = await asyncio.to_thread(_hash_file, partial, digest.algorithm)
-        if actual == digest.hex and not self.store.has(digest):
-            self.store.commit(digest, partial)
-        else:
-            partial.unlink(missing_ok=True)
-
-
-class _Tee:
-    """Writes a session's bytes at their offset, in MiB batches, hashing when in order."""
-
-    def __init__(self, path: Path, offset: int, hashers: dict[str, tuple[int, Any]],
-                 key: str) -> None:
-        self.path, self.offset, self.hashers, self.key = path, offset, hashers, key
-        self.buffer = bytearray()
-
-    async def write(self, chunk: bytes) -> None:
-        self.buffer += chunk
-        if len(self.buffer) >= CHUNK:
-            await self.flush()
-
-    async def flush(self) -> None:
-        if not self.buffer:
-            return
-        data, offset = bytes(self.buffer), self.offset
-        self.buffer.clear()
-        self.offset += len(data)
-        state = self.hashers.get(self.key)
-        if offset == 0:
-            state = (0, hashlib.sha256())
-        if state is not None and state[0] == offset:
-            state[1].update(data)
-            self.hashers[self.key] = (offset + len(data), state[1])
-        else:
-            self.hashers.pop(self.key, None)
-        await asyncio.to_thread(_write_at, self.path, offset, data)
-
-
-def _write_at(path: Path, offset: int, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
-    try:
-        os.pwrite(fd, data, offset)
-    finally:
-        os.close(fd)
-
-
-def _hash_file(path: Path, algorithm: str) -> str:
-    hasher = hashlib.new(algorithm)
-    with path.open("rb") as f:
-        while chunk := f.read(CHUNK):
-            hasher.update(chunk)
-    return hasher.hexdigest()
 
 
 async def read_manifest(body: AsyncIterator[bytes]) -> bytes:

@@ -1,0 +1,95 @@
+"""Write-through of pushes: the bytes of an upload session are kept as they stream up, and
+enter the cache once the upstream accepted the blob and its digest checks out here too."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+from mirror.reference import Digest
+from mirror.store import CHUNK, Store
+
+
+class WriteThrough:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        # session id -> (bytes hashed so far, sha256): when its chunks came in order to us
+        self._hashers: dict[str, tuple[int, Any]] = {}
+
+    def partial(self, session_id: str) -> Path:
+        return self.store.tmp / f"upload-{session_id}.part"
+
+    def tee(self, session_id: str, offset: int) -> Tee:
+        return Tee(self.partial(session_id), offset, self._hashers, session_id)
+
+    def discard(self, session_id: str) -> None:
+        self._hashers.pop(session_id, None)
+        with contextlib.suppress(FileNotFoundError):
+            self.partial(session_id).unlink()
+
+    async def keep(self, session_id: str, digest: Digest) -> None:
+        """Commit what streamed through if it is exactly the blob the upstream accepted."""
+        partial = self.partial(session_id)
+        state = self._hashers.pop(session_id, None)
+        try:
+            size = partial.stat().st_size
+        except FileNotFoundError:
+            return
+        if state is not None and state[0] == size and digest.algorithm == "sha256":
+            actual = state[1].hexdigest()
+        else:  # chunks went through several workers: hash the file itself
+            actual = await asyncio.to_thread(_hash_file, partial, digest.algorithm)
+        if actual == digest.hex and not self.store.has(digest):
+            self.store.commit(digest, partial)
+        else:
+            partial.unlink(missing_ok=True)
+
+
+class Tee:
+    """Writes a session's bytes at their offset, in MiB batches, hashing when in order."""
+
+    def __init__(self, path: Path, offset: int, hashers: dict[str, tuple[int, Any]],
+                 key: str) -> None:
+        self.path, self.offset, self.hashers, self.key = path, offset, hashers, key
+        self.buffer = bytearray()
+
+    async def write(self, chunk: bytes) -> None:
+        self.buffer += chunk
+        if len(self.buffer) >= CHUNK:
+            await self.flush()
+
+    async def flush(self) -> None:
+        if not self.buffer:
+            return
+        data, offset = bytes(self.buffer), self.offset
+        self.buffer.clear()
+        self.offset += len(data)
+        state = self.hashers.get(self.key)
+        if offset == 0:
+            state = (0, hashlib.sha256())
+        if state is not None and state[0] == offset:
+            state[1].update(data)
+            self.hashers[self.key] = (offset + len(data), state[1])
+        else:
+            self.hashers.pop(self.key, None)
+        await asyncio.to_thread(_write_at, self.path, offset, data)
+
+
+def _write_at(path: Path, offset: int, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.pwrite(fd, data, offset)
+    finally:
+        os.close(fd)
+
+
+def _hash_file(path: Path, algorithm: str) -> str:
+    hasher = hashlib.new(algorithm)
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK):
+            hasher.update(chunk)
+    return hasher.hexdigest()
