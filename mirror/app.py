@@ -39,14 +39,6 @@ def create_app(settings: Settings) -> Starlette:
     health = Health(metrics, store, next(iter(clients.values())), settings.offline)
     pushes = PushHandlers(handlers, uploads, manifests, access)
 
-    async def sweep_uploads() -> None:
-        while True:
-            await asyncio.sleep(min(5.0, settings.upload_timeout / 4))
-            try:
-                await uploads.sweep(clients)
-            except Exception:  # keep sweeping; one bad session must not stop the loop
-                log.exception("upload sweep failed")
-
     evictor = Evictor(store, settings.max_cache_size, metrics=metrics)
     store.on_commit = evictor.committed
 
@@ -54,17 +46,14 @@ def create_app(settings: Settings) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         background = [asyncio.create_task(store.recency.run(), name="recency"),
                       asyncio.create_task(evictor.run(), name="evict"),
-                      asyncio.create_task(sweep_uploads(), name="uploads")]
+                      asyncio.create_task(uploads.run(clients), name="uploads")]
         yield
         access_log.flush()
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
-        await fills.aclose()
         uploads.close()
-        for client in clients.values():
-            await client.aclose()
-        store.close()
+        await parts.aclose()
 
     app = Starlette(
         routes=health.routes(with_metrics=not settings.metrics_listen)

@@ -117,6 +117,15 @@ class Uploads:
         self.kept.discard(session.id)
         self._save(replace(session, expired=True))
 
+    async def run(self, clients: dict[str, UpstreamClient]) -> None:
+        """The background task that keeps the time limit of sessions left idle."""
+        while True:
+            await asyncio.sleep(min(5.0, self.timeout / 4))
+            try:
+                await self.sweep(clients)
+            except Exception:  # keep sweeping; one bad session must not stop the loop
+                log.exception("upload sweep failed")
+
     async def sweep(self, clients: dict[str, UpstreamClient]) -> None:
         """Cancel, upstream, the sessions this process served that ran out of time."""
         for session_id, credential in list(self._credentials.items()):
