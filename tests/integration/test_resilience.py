@@ -173,7 +173,7 @@ def test_hits_are_recorded_at_shutdown_for_the_next_run(
 def small_fs(tmp_path: Path) -> Iterator[Path]:
     """A 20 MiB tmpfs (we are root in the test environment)."""
     if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
+        pytest.fail("mounting a small tmpfs needs root (CI runs as root)")
     path = tmp_path / "small-fs"
     path.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(path)], check=True)
