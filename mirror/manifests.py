@@ -12,7 +12,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,14 +40,17 @@ MAX_MANIFEST = 4 * 1024 * 1024
 HOT_BYTES = 64 * 1024 * 1024
 
 
-# `type/subtype` (RFC 6838 names, and `*`): anything else cannot go into our upstream Accept.
-_MEDIA_TYPE = re.compile(r"[a-z0-9*][a-z0-9!#$&^_.+*-]{0,126}/[a-z0-9*][a-z0-9!#$&^_.+*-]{0,126}")
+# The Accept entries that can change which manifest a tag resolves to. Others are dropped:
+# they cannot change the answer, and keying tag records by them would let a client grow the
+# index without bound (and anything not a plain media type must not reach upstream headers).
+ACCEPT_KEPT = frozenset((*MANIFEST_TYPES, "application/vnd.oci.artifact.manifest.v1+json",
+                         "application/json", "application/*", "*/*"))
 
 
 def accept_key(headers: list[str]) -> AcceptKey:
     """The set of media types a client accepts, normalised (order, params, case dropped)."""
     types = {part.split(";")[0].strip().lower() for h in headers for part in h.split(",")}
-    return tuple(sorted(t for t in types if _MEDIA_TYPE.fullmatch(t)))
+    return tuple(sorted(types & ACCEPT_KEPT))
 
 
 @dataclass(frozen=True, slots=True)

@@ -104,3 +104,10 @@ def test_default_without_any_hint() -> None:
 
 def test_non_manifest_content_type_is_the_last_resort() -> None:
     assert media_type_of(_doc(), "application/json") == "application/json"
+
+
+def test_accept_key_keeps_only_what_can_change_the_answer() -> None:
+    """Arbitrary types would key a new tag record each: the index must stay bounded."""
+    vendor = [f"application/vnd.example.thing{i}+json" for i in range(50)]
+    assert accept_key([", ".join(vendor)]) == ()
+    assert accept_key([f"{OCI_MANIFEST}, text/html, application/vnd.x+json"]) == (OCI_MANIFEST,)
