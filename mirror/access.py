@@ -104,7 +104,6 @@ class Access:
             100_000, ttl)
         self._links: cachetools.LRUCache[tuple[str, str, str], bool] = cachetools.LRUCache(
             200_000)
-        self.probes = 0
 
     # -- what R holds --------------------------------------------------------------------
 
@@ -188,7 +187,6 @@ class Access:
             return
         credential = caller.credential or (None if granted else ANONYMOUS)
         headers = {"Accept": MANIFEST_ACCEPT} if "/manifests/" in probe else {}
-        self.probes += 1
         try:
             response = await client.send("HEAD", probe, repo=repo, headers=headers,
                                          credential=credential)

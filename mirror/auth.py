@@ -44,11 +44,7 @@ def upstream_scopes(client: UpstreamClient, scopes: list[str]) -> list[str]:
         if kind != "repository" or not sep or not sep2:
             out.append(scope)
             continue
-        if name.startswith(client.name + "/"):
-            name = name[len(client.name) + 1:]
-        if client.upstream.library_prefix and "/" not in name:
-            name = "library/" + name
-        out.append(f"repository:{name}:{actions}")
+        out.append(f"repository:{client.upstream.repository(name)}:{actions}")
     return out
 
 

@@ -55,7 +55,6 @@ class Fills:
         self.wait_timeout = wait_timeout
         self.active: dict[Digest, Fill] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self.joined = 0  # clients that joined a fill someone else started
 
     async def open(self, digest: Digest, fetch: Fetch, upstream: str = "") -> Reader:
         """A reader over `digest`: from the cache, or following a (new or running) fill.
@@ -97,7 +96,6 @@ class Fills:
             self.metrics.lookups.labels("blob", result).inc()
 
     def _joined(self) -> None:
-        self.joined += 1
         if self.metrics is not None:
             self.metrics.fill_joins.inc()
 

@@ -20,7 +20,7 @@ import cachetools
 
 from mirror import errors
 from mirror.flight import SingleFlight, exclusive
-from mirror.index import AcceptKey
+from mirror.index import AcceptKey, TagRecord
 from mirror.metrics import Metrics
 from mirror.reference import Digest, parse_digest
 from mirror.store import Store
@@ -60,6 +60,11 @@ class ManifestInfo:
     size: int
     stale: bool = False  # from the cache because the upstream could not answer
     anonymous: bool = False  # resolved with no credentials: proof that anyone may read it
+
+    @classmethod
+    def of(cls, record: TagRecord, stale: bool = False) -> ManifestInfo:
+        return cls(parse_digest(record.digest), record.media_type, record.size, stale,
+                   record.anonymous)
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,8 +151,7 @@ class ManifestService:
                 raise
             # The upstream is down or refusing us: the last answer we had beats none.
             self._lookup("tag", "stale")
-            return ManifestInfo(parse_digest(record.digest), record.media_type, record.size,
-                                stale=True)
+            return ManifestInfo.of(record, stale=True)
         cache[key] = info
         return info
 
@@ -173,11 +177,10 @@ class ManifestService:
         ttl = self.tag_ttl(client)
         for _ in range(3):
             record = index.tag(client.name, repo, tag, accept)
-            fresh = record and time.time() - record.at < ttl and record.at > index.pushed(
-                client.name, repo, tag)
-            if record and fresh and (not proof or record.anonymous):
-                return ManifestInfo(parse_digest(record.digest), record.media_type, record.size,
-                                    anonymous=record.anonymous)
+            if (record and time.time() - record.at < ttl
+                    and record.at > index.pushed(client.name, repo, tag)
+                    and (not proof or record.anonymous)):
+                return ManifestInfo.of(record)
             lock = await exclusive(self.store, name, timeout=120)
             if lock is None:
                 continue  # another worker just resolved it: read its record

@@ -29,17 +29,12 @@ class Fill:
         self.committed = False
         self.error: BaseException | None = None
         self.started = asyncio.Event()  # size known, or failed
-        self.readers = 0
         self._progress = asyncio.Event()
         self.fd = -1  # the partial (read-write) while the fill runs: readers dup it
         self.lock: FillLock | None = None
         self.followers: set[LocalReader] = set()
         self.relay: Relay | None = None  # the disk filled up: relayed, not cached
         self.upstream = ""  # where it downloads from (a metrics label)
-
-    @property
-    def done(self) -> bool:
-        return self.committed or self.error is not None
 
     def notify(self) -> None:
         event, self._progress = self._progress, asyncio.Event()
@@ -130,7 +125,6 @@ class LocalReader(Reader):
         super().__init__(fd, fill.size)
         self.fill = fill
         self.dropped = False  # the relay gave up waiting for this reader
-        fill.readers += 1
         fill.followers.add(self)
         if fill.relay is not None:
             fill.relay.moved()
@@ -159,7 +153,6 @@ class LocalReader(Reader):
 
     def close(self) -> None:
         if self.fd >= 0:
-            self.fill.readers -= 1
             self.fill.followers.discard(self)
             if self.fill.relay is not None:
                 self.fill.relay.moved()

@@ -52,7 +52,7 @@ class PushHandlers:
         client, repo, name, credential = self._writer(request)
         query = dict(request.query_params)
         if "from" in query:
-            query["from"] = self._upstream_name(client, query["from"])
+            query["from"] = check_name(client.upstream.repository(query["from"]))
         result = await self.uploads.start(client, repo, name, credential, query,
                                           request.stream(), content_length(request))
         if result.status == 201:
@@ -124,14 +124,6 @@ class PushHandlers:
         self.access.unlink(client.name, repo, str(digest))
         self.reads.blobs.store.remove(digest)
         return Response(status_code=202, headers=API_VERSION)
-
-    def _upstream_name(self, client: UpstreamClient, name: str) -> str:
-        if name.startswith(client.name + "/"):
-            name = name[len(client.name) + 1:]
-        check_name(name)
-        if client.upstream.library_prefix and "/" not in name:
-            name = "library/" + name
-        return name
 
 
 def content_length(request: Request) -> int | None:

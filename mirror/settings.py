@@ -50,6 +50,13 @@ class Upstream:
     def host(self) -> str:
         return urlsplit(self.url).netloc
 
+    def repository(self, name: str) -> str:
+        """The upstream's name for a repository a client named, with or without our
+        `<upstream>/` prefix (and Docker Hub's `nginx` meaning `library/nginx`)."""
+        if name.startswith(self.name + "/"):
+            name = name[len(self.name) + 1:]
+        return "library/" + name if self.library_prefix and "/" not in name else name
+
 
 @dataclass(frozen=True)
 class Settings:

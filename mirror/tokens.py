@@ -77,7 +77,7 @@ class TokenCache:
         self._metrics = metrics
         self._tokens: dict[tuple[str, ...], tuple[str, float]] = {}  # key -> (token, deadline)
         self._flight = SingleFlight()
-        self.fetched = 0
+        self.fetched = 0  # tokens fetched, for tests and debugging
 
     async def get(
         self, challenge: Challenge, scope: str, auth: httpx.BasicAuth | None = None,

@@ -80,7 +80,6 @@ class Uploads:
         self.max_size = max_size
         self.kept = WriteThrough(store)
         self._credentials: dict[str, Credential] = {}
-        self.outcomes: dict[str, int] = {}
 
     def close(self) -> None:
         self.sessions.close()
@@ -323,7 +322,6 @@ class Uploads:
         return session
 
     def _count(self, outcome: str) -> None:
-        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
         if self.metrics is not None:
             self.metrics.uploads.labels(outcome).inc()
 
