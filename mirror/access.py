@@ -1,206 +1,239 @@
-"""Who may read what. Cached content is shared, so every read is checked first.
+"""Authorization: who may read what from the cache. Every cached read asks this module.
 
-A caller reads repository R of an upstream only if R is known readable by anyone (an
-anonymous probe succeeded) or the caller's own credential was verified upstream for R; and
-reads digest D under R only if R is known to hold D (a manifest of R lists it, or an
-upstream HEAD of D under R answered). Decisions are kept in memory for a short TTL, keyed by
-a hash of the credential: no credential is ever written anywhere.
+Cached content is shared by every caller of every upstream, so a read is served from the
+cache only when these rules allow it (U an upstream, R one of its repositories, D a digest,
+C the caller; facts live in the metadata store, shared by every worker and replica):
+
+1. Content belongs to the upstream that delivered it. U *holds* D once U itself sent D's
+   bytes and they verified (a fill or manifest fetch from U), or U accepted them from a
+   push through us, or an operator imported them under U's name. A read through U of a
+   digest U does not hold is fetched from U and verified, never served from another
+   upstream's bytes: nothing an upstream says unlocks another upstream's content.
+2. D is *linked* to R when U showed that R holds D: U resolved one of R's tags to D, or
+   answered a request for D under R with a 200 (a HEAD with the caller's credential
+   decides when in doubt), or D is a descriptor that a manifest of R which U holds defines
+   and registries validate on push: the config and layers of an image manifest (not
+   foreign layers, which carry `urls`), the manifests of an index. Unknown fields, `subject`,
+   artifact `blobs` and foreign layers link nothing; a push links nothing.
+3. C may read R when U answered C's own credential with a 200 for R within `access_ttl`
+   (a *grant*). An anonymous caller's grant rests on an anonymous probe: no credential at
+   all, not even the mirror's own account (unless the upstream sets `expose_private`: then
+   anonymous callers act as that account, by the operator's choice). A grant is never
+   inferred from a 404, from a cached answer (positive or negative), or from another
+   caller's grant; a 401 or 403 for C revokes C's grant at once, everywhere.
+4. C may read D under R when C may read R (3) and D is linked to R (2); the bytes come from
+   the cache only when U holds D (1). When C may read R but D is not linked, or C has no
+   grant, an upstream HEAD of D under R with C's credential decides.
+5. Offline, and while U cannot be reached (connection errors, timeouts, 5xx, 429), a grant
+   of any age counts, for the caller it was made for: content fetched with credentials
+   stays private to the callers who proved access before. Rules 1, 2 and 4 hold
+   unchanged. Identities are MACs of credentials (`mirror.identity`), never credentials.
+6. Credentials are bound to one upstream: a token we minted names its upstream and is
+   used there only; tokens we did not mint are forwarded only to `auth_passthrough`
+   upstreams; a token minted offline is refused online (log in again).
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
 import json
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import cachetools
-import httpx
 
 from mirror import errors
-from mirror.index import Index
+from mirror.identity import Caller
+from mirror.metadata import Grant, Metadata
 from mirror.reference import Digest
 from mirror.tokens import ANONYMOUS, Credential
-
-__all__ = ["ANONYMOUS", "Access", "Caller", "caller_of"]
 from mirror.upstream import UpstreamClient, upstream_error
 
-# What our token endpoint hands to callers without credentials.
-ANONYMOUS_TOKEN = "anonymous"
 MANIFEST_ACCEPT = ", ".join((
     "application/vnd.oci.image.index.v1+json", "application/vnd.oci.image.manifest.v1+json",
     "application/vnd.docker.distribution.manifest.list.v2+json",
     "application/vnd.docker.distribution.manifest.v2+json", "*/*"))
+INDEX_TYPES = frozenset(("application/vnd.oci.image.index.v1+json",
+                         "application/vnd.docker.distribution.manifest.list.v2+json"))
+IMAGE_TYPES = frozenset(("application/vnd.oci.image.manifest.v1+json",
+                         "application/vnd.docker.distribution.manifest.v2+json"))
+SCHEMA1_TYPES = frozenset(("application/vnd.docker.distribution.manifest.v1+json",
+                           "application/vnd.docker.distribution.manifest.v1+prettyjws"))
+FOREIGN_LAYERS = frozenset((
+    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd"))
+# Failures that mean "the upstream cannot answer now", as opposed to an answer.
+OUTAGE = (errors.UpstreamError, errors.Unavailable, errors.TooManyRequests)
 
 
 @dataclass(frozen=True, slots=True)
-class Caller:
-    credential: Credential | None  # None: anonymous
-    key: str  # names the credential in decision caches: a hash, never the secret
+class Decision:
+    """A read is allowed; `cached`: its bytes may come from the cache (else from U)."""
 
-    @property
-    def anonymous(self) -> bool:
-        return self.credential is None
+    cached: bool
+    size: int | None = None  # the length the upstream announced, when it was asked
 
 
-ANONYMOUS_CALLER = Caller(None, "anonymous")
-
-
-def caller_of(authorization: str | None) -> Caller:
-    """The caller behind an Authorization header (Bearer token or Basic credentials)."""
-    if not authorization:
-        return ANONYMOUS_CALLER
-    scheme, _, value = authorization.strip().partition(" ")
-    value = value.strip()
-    key = hashlib.sha256(authorization.encode()).hexdigest()
-    if scheme.lower() == "bearer":
-        if not value or value == ANONYMOUS_TOKEN:
-            return ANONYMOUS_CALLER
-        if not (value.isascii() and value.isprintable()):  # it goes into our upstream header
-            raise errors.Unauthorized("malformed bearer token")
-        return Caller(Credential(bearer=value), key)
-    if scheme.lower() == "basic":
-        return Caller(Credential(basic=basic_auth(value)), key)
-    raise errors.Unauthorized(f"unsupported authorization scheme {scheme[:20]!r}")
-
-
-def basic_auth(encoded: str) -> httpx.BasicAuth:
-    try:
-        user, sep, password = base64.b64decode(encoded, validate=True).decode().partition(":")
-    except (binascii.Error, UnicodeDecodeError):
-        user, sep, password = "", "", ""
-    if not sep or not user:
-        raise errors.Unauthorized("malformed Basic credentials")
-    return httpx.BasicAuth(user, password)
-
-
-def manifest_children(data: bytes) -> list[str]:
-    """Digests a manifest refers to: config, layers, blobs, child manifests."""
+def linked_descriptors(data: bytes, media_type: str) -> list[str]:
+    """The digests a manifest links to its repository (rule 2): those registries validate."""
     try:
         doc = json.loads(data)
     except ValueError:
         return []
     if not isinstance(doc, dict):
         return []
-    found = []
-    config = doc.get("config")
-    if isinstance(config, dict) and isinstance(config.get("digest"), str):
-        found.append(config["digest"])
-    for key in ("layers", "manifests", "blobs", "fsLayers"):
-        for item in doc.get(key) or []:
-            if isinstance(item, dict):
-                value = item.get("digest") or item.get("blobSum")
-                if isinstance(value, str):
-                    found.append(value)
-    return found
+    declared = doc.get("mediaType")
+    if isinstance(declared, str) and declared and declared != media_type:
+        return []  # a document that contradicts its own type: link nothing
+    if media_type in INDEX_TYPES:
+        return _digests(doc.get("manifests"), "digest")
+    if media_type in IMAGE_TYPES:
+        config = doc.get("config")
+        layers = [d for d in _items(doc.get("layers"))
+                  if not d.get("urls") and d.get("mediaType") not in FOREIGN_LAYERS]
+        return _digests([config], "digest") + _digests(layers, "digest")
+    if media_type in SCHEMA1_TYPES:
+        return _digests(doc.get("fsLayers"), "blobSum")
+    return []
+
+
+def _items(value: object) -> list[dict[str, object]]:
+    return [item for item in value if isinstance(item, dict)] if isinstance(value, list) \
+        else []
+
+
+def _digests(value: object, key: str) -> list[str]:
+    return [d for d in (item.get(key) for item in _items(value)) if isinstance(d, str)]
 
 
 class Access:
-    def __init__(self, index: Index, ttl: float = 60.0) -> None:
-        self.index = index
+    def __init__(self, metadata: Metadata, ttl: float = 60.0,
+                 clock: Callable[[], float] = time.time, memo: int = 100_000) -> None:
+        self.metadata = metadata
         self.ttl = ttl
-        self._granted: cachetools.TTLCache[tuple[str, str, str], bool] = cachetools.TTLCache(
-            100_000, ttl)
-        self._links: cachetools.LRUCache[tuple[str, str, str], bool] = cachetools.LRUCache(
-            200_000)
+        self.clock = clock
+        # Links already written by this process: spares a write per read, decides nothing.
+        self._written: cachetools.LRUCache[tuple[str, str, str], bool] = cachetools.LRUCache(
+            memo)
 
-    # -- what R holds --------------------------------------------------------------------
+    # -- credentials (rule 6) --------------------------------------------------------------
 
-    def linked(self, upstream: str, repo: str, digest: str) -> bool:
-        key = (upstream, repo, digest)
-        if key in self._links:
+    def check_binding(self, client: UpstreamClient, caller: Caller) -> None:
+        """Refuse a credential that is not for `client`'s upstream."""
+        if caller.upstream is not None and caller.upstream != client.name:
+            raise errors.Unauthorized(
+                f"this token is for upstream {caller.upstream}; log in for {client.name}")
+        if caller.offline_only and not client.offline:
+            raise errors.Unauthorized("this token was issued offline; log in again")
+        if (caller.identity.startswith("t:") and caller.upstream is None
+                and not client.upstream.auth_passthrough):
+            raise errors.Unauthorized(
+                f"token not issued by this mirror; log in for upstream {client.name}")
+
+    def probe_credential(self, client: UpstreamClient, caller: Caller) -> Credential | None:
+        """What to show the upstream to prove the caller's access (rule 3)."""
+        if caller.credential is not None:
+            return caller.credential
+        return None if client.upstream.expose_private else ANONYMOUS
+
+    # -- grants (rule 3, 5) ----------------------------------------------------------------
+
+    async def granted(self, client: UpstreamClient, repo: str, caller: Caller,
+                      lasting: bool = False) -> bool:
+        """Whether C may read R now; `lasting`: a grant of any age counts (rule 5)."""
+        grant = await self.metadata.granted(client.name, repo, caller.identity)
+        if grant is None:
+            return False
+        if client.offline or lasting:
             return True
-        if self.index.linked(upstream, repo, digest):
-            self._links[key] = True
-            return True
-        return False
+        return self.clock() - grant.at < self.ttl
 
-    def link(self, upstream: str, repo: str, digests: list[str]) -> None:
-        new = [d for d in digests if (upstream, repo, d) not in self._links]
-        if new:
-            self.index.link(upstream, repo, new)
-            for digest in new:
-                self._links[(upstream, repo, digest)] = True
+    async def proven(self, client: UpstreamClient, repo: str, caller: Caller) -> None:
+        """The upstream answered the caller's own credential with a 200 for `repo`."""
+        await self.metadata.grant(Grant(client.name, repo, caller.identity, self.clock(),
+                                        caller.durable))
 
-    def unlink(self, upstream: str, repo: str, digest: str) -> None:
-        self._links.pop((upstream, repo, digest), None)
-        self.index.unlink(upstream, repo, digest)
-
-    def link_manifest(self, upstream: str, repo: str, digest: Digest, data: bytes) -> None:
-        if (upstream, repo, str(digest)) in self._links:
-            return  # its children were linked along with it
-        self.link(upstream, repo, [*manifest_children(data), str(digest)])
-
-    # -- who may read R ------------------------------------------------------------------
-
-    def granted(self, client: UpstreamClient, repo: str, caller: Caller) -> bool:
-        """Whether `caller` is known (recently) to be allowed to read `repo`."""
-        name = client.name
-        if (name, repo, caller.key) in self._granted:
-            return True
-        if client.offline:
-            # No one to verify credentials with: serve what the cache holds to anyone, but
-            # never what was ever seen private.
-            return not self.index.private(name, repo)
-        if caller.anonymous:
-            if client.upstream.expose_private:
-                return True
-            if self.index.public(name, repo, self.ttl):  # another worker's probe
-                self._granted[(name, repo, caller.key)] = True
-                return True
-        return False
-
-    def grant(self, client: UpstreamClient, repo: str, caller: Caller) -> None:
-        self._granted[(client.name, repo, caller.key)] = True
-        if caller.anonymous:
-            self.index.set_public(client.name, repo, True)
-
-    def refused(self, client: UpstreamClient, repo: str, caller: Caller,
-                exc: errors.RegistryError) -> errors.RegistryError:
-        """What the caller sees when the upstream refused its access to `repo`."""
+    async def refused(self, client: UpstreamClient, repo: str, caller: Caller,
+                      exc: errors.RegistryError) -> errors.RegistryError:
+        """What the caller sees when the upstream refused it; a refusal revokes its grant."""
+        if isinstance(exc, errors.Unauthorized | errors.Denied):
+            await self.metadata.revoke(client.name, repo, caller.identity)
         if isinstance(exc, errors.Unauthorized):
-            if caller.anonymous:
-                self.index.set_public(client.name, repo, False)
-            elif exc.detail == "insufficient_scope":
-                return errors.Denied(f"upstream {client.name} denied access to repository {repo}")
+            if not caller.anonymous and exc.detail == "insufficient_scope":
+                return errors.Denied(f"upstream {client.name} denied access to repository "
+                                     f"{repo}")
             return errors.Unauthorized(
                 f"upstream {client.name} requires authentication for repository {repo}")
         return exc
 
-    async def authorize(
-        self,
-        client: UpstreamClient,
-        repo: str,
-        caller: Caller,
-        probe: str,
-        digest: Digest | None = None,
-    ) -> None:
-        """Return if `caller` may read `repo` (and `digest` in it); raise otherwise.
+    def unproven(self, client: UpstreamClient, repo: str, caller: Caller) -> errors.RegistryError:
+        """No grant and no upstream to ask (offline)."""
+        if caller.anonymous:
+            return errors.Unauthorized(
+                f"offline: repository {repo} of {client.name} is not known to be public")
+        return errors.Denied(
+            f"offline: no earlier proof that this caller may read {repo} of {client.name}")
 
-        `probe` is the upstream path to HEAD when we do not know yet.
-        """
-        name = client.name
-        granted = self.granted(client, repo, caller)
-        if granted and (digest is None or client.offline
-                        or self.linked(name, repo, str(digest))):
+    # -- links (rule 2) --------------------------------------------------------------------
+
+    async def link(self, client: UpstreamClient, repo: str, digests: list[str]) -> None:
+        new = [d for d in digests if (client.name, repo, d) not in self._written]
+        if new:
+            await self.metadata.link(client.name, repo, new)
+            for digest in new:
+                self._written[(client.name, repo, digest)] = True
+
+    async def link_manifest(self, client: UpstreamClient, repo: str, digest: Digest,
+                            data: bytes, media_type: str) -> None:
+        """A manifest of `repo` that the upstream holds: link what it validly names."""
+        key = (client.name, repo, "manifest:" + str(digest))
+        if key in self._written:
             return
-        credential = caller.credential or (None if granted else ANONYMOUS)
-        headers = {"Accept": MANIFEST_ACCEPT} if "/manifests/" in probe else {}
+        await self.link(client, repo, [str(digest), *linked_descriptors(data, media_type)])
+        self._written[key] = True
+
+    async def unlink(self, client: UpstreamClient, repo: str, digest: str) -> None:
+        self._written.pop((client.name, repo, digest), None)
+        self._written.pop((client.name, repo, "manifest:" + digest), None)
+        await self.metadata.unlink(client.name, repo, digest)
+
+    # -- content (rule 1) ------------------------------------------------------------------
+
+    async def holds(self, client: UpstreamClient, digest: Digest) -> bool:
+        return await self.metadata.holds(client.name, str(digest))
+
+    # -- decisions (rule 4) ----------------------------------------------------------------
+
+    async def authorize_digest(self, client: UpstreamClient, repo: str, caller: Caller,
+                               digest: Digest, kind: str) -> Decision:
+        """Return how `caller` may read `digest` under `repo` (a `kind` of "manifests" or
+        "blobs"); raise the error it should see otherwise."""
+        self.check_binding(client, caller)
+        name, text = client.name, str(digest)
+        if (await self.granted(client, repo, caller)
+                and await self.metadata.linked(name, repo, text)):
+            return Decision(await self.metadata.holds(name, text))
+        if client.offline:
+            raise self.unproven(client, repo, caller)
+        headers = {"Accept": MANIFEST_ACCEPT} if kind == "manifests" else {}
         try:
-            response = await client.send("HEAD", probe, repo=repo, headers=headers,
-                                         credential=credential)
-        except (errors.UpstreamError, errors.Unavailable):
-            # The upstream is down: content of repositories known public stays served.
-            if self.index.public(name, repo) and (
-                    digest is None or self.linked(name, repo, str(digest))):
-                return
+            response = await client.send("HEAD", f"/v2/{repo}/{kind}/{digest}", repo=repo,
+                                         headers=headers,
+                                         credential=self.probe_credential(client, caller))
+            if response.status_code != 200:
+                not_found = errors.BlobUnknown if kind == "blobs" else errors.ManifestUnknown
+                raise upstream_error(response, name, not_found, f"{digest} in {repo}")
+        except OUTAGE:
+            if (await self.granted(client, repo, caller, lasting=True)
+                    and await self.metadata.linked(name, repo, text)):
+                return Decision(await self.metadata.holds(name, text))
             raise
-        if response.status_code == 200:
-            self.grant(client, repo, caller)
-            if digest is not None:
-                self.link(name, repo, [str(digest)])
-            return
-        not_found = errors.BlobUnknown if "/blobs/" in probe else errors.ManifestUnknown
-        what = f"{probe.rsplit('/', 1)[-1]} in {repo}"
-        raise self.refused(client, repo, caller, upstream_error(response, name, not_found, what))
+        except errors.RegistryError as exc:
+            raise await self.refused(client, repo, caller, exc) from None
+        await self.proven(client, repo, caller)
+        await self.link(client, repo, [text])
+        length = response.headers.get("content-length", "")
+        size = int(length) if length.isascii() and length.isdigit() else None
+        return Decision(await self.metadata.holds(name, text), size)

@@ -3,36 +3,44 @@
 They change the cache only the way a server does: content files go with unlink(2) (a
 client already reading one keeps its descriptor and gets every byte; the next request
 misses and fetches again), partials only under their fill lock (so never a running fill's),
-lock files only while holding them, and the index through its own transactions.
+lock files only while holding them, and metadata through its own operations.
 
 What is in use: the roots are the tag records (every Accept set's), the images recorded by
-digest (`ref`) and the pins; from each root manifest the walk follows index children and
-image blobs. `gc` removes what no root reaches; since a pull in progress records its tag
-before fetching what it names, it spares content used within `--min-age` seconds.
+digest (refs) and the pins; a manifest's children (recorded when it was stored) are in use
+while the manifest is. Every command costs what it touches: `rm` of one image walks that
+image only (each digest it frees is checked against the roots and parents that name it),
+and `ls`, `gc` and `verify` stream the records in pages, in constant memory: `ls` prints
+its first line at once. Since a pull in progress records its tag before fetching what it
+names, `gc` spares content used within `--min-age` seconds.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import hashlib
 import os
 import shutil
 import sys
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterable
 
-from mirror import imageref, oci
+import cachetools
+
+from mirror import imageref
+from mirror import metadata as metadata_module
 from mirror.errors import RegistryError
 from mirror.evict import default_budget
 from mirror.imageref import ImageRef, RefError
+from mirror.metadata import Metadata
 from mirror.progress import human_bytes
 from mirror.reference import Digest, parse_digest
 from mirror.settings import Settings, SettingsError, load, parse_upstream
 from mirror.store import STALE_TMP, FillLock, Store
 
 GC_MIN_AGE = 600.0
+MEMO = 10_000  # reachability answers kept while collecting: bounded, whatever the cache
 
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -50,6 +58,8 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     for parser in parsers.values():
         parser.add_argument("--config", metavar="FILE", help="TOML settings file")
         parser.add_argument("--cache-dir", metavar="DIR", help="where the cache lives")
+        parser.add_argument("--redis", dest="redis_url", metavar="URL",
+                            help="shared metadata store (as for serve)")
     parsers["rm"].add_argument("image", metavar="IMAGE",
                                help="[UPSTREAM/]REPO[:TAG] or [UPSTREAM/]REPO@DIGEST")
     parsers["gc"].add_argument(
@@ -58,7 +68,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def run(args: argparse.Namespace) -> int:
-    flags = {"config": args.config, "cache_dir": args.cache_dir}
+    flags = {"config": args.config, "cache_dir": args.cache_dir, "redis_url": args.redis_url}
     try:
         settings = load({k: v for k, v in flags.items() if v is not None})
     except SettingsError as exc:
@@ -67,76 +77,83 @@ def run(args: argparse.Namespace) -> int:
     if not (settings.cache_dir / "blobs").is_dir():
         print(f"mirror: no cache in {settings.cache_dir}", file=sys.stderr)
         return 2
-    store = Store(settings.cache_dir)
+    try:
+        return asyncio.run(_run(settings, args))
+    except BrokenPipeError:
+        # `mirror cache ls | head`: the reader has what it wanted; leave quietly.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+async def _run(settings: Settings, args: argparse.Namespace) -> int:
+    metadata = metadata_module.create(settings.cache_dir, settings.redis_url)
+    await metadata.open()
+    store = Store(settings.cache_dir, metadata)
     try:
         command = args.cache_command
         if command == "ls":
-            return ls(store)
+            return await ls(store)
         if command == "du":
-            return du(store, settings)
+            return await du(store, settings)
         if command == "rm":
-            return rm(store, settings, args.image)
+            return await rm(store, settings, args.image)
         if command == "gc":
-            return gc(store, args.min_age)
-        return verify(store)
+            return await gc(store, args.min_age)
+        return await verify(store)
     finally:
-        store.close()
+        await store.close()
+        await metadata.close()
 
 
 # -- what uses what --------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Image:
-    name: str  # upstream/repo:tag or upstream/repo@digest
-    digest: str  # the latest root manifest
-    roots: tuple[str, ...]  # every manifest its records name (one per Accept set)
-
-
-def images(store: Store) -> list[Image]:
-    latest: dict[str, str] = {}
-    roots: dict[str, set[str]] = {}
-    for accept, record in store.index.tag_records():
-        name = f"{record.upstream}/{record.repo}:{record.tag}"
-        roots.setdefault(name, set()).add(record.digest)
-        if accept is None:
-            latest[name] = record.digest
-    for upstream, repo, digest, _, _ in store.index.refs():
-        name = f"{upstream}/{repo}@{digest}"
-        latest[name], roots[name] = digest, {digest}
-    return [Image(name, latest.get(name) or min(digests), tuple(sorted(digests)))
-            for name, digests in sorted(roots.items())]
-
-
-def reachable(store: Store, roots: Iterable[str]) -> set[str]:
-    """Every digest the root manifests lead to (index children, configs and layers)."""
+async def closure(metadata: Metadata, roots: Iterable[str]) -> set[str]:
+    """Every digest the root manifests lead to, by their recorded children."""
     seen: set[str] = set()
-    manifests = list(roots)
-    while manifests:
-        text = manifests.pop()
-        if text in seen:
+    pending = list(roots)
+    while pending:
+        digest = pending.pop()
+        if digest in seen:
             continue
-        seen.add(text)
-        digest = _digest(text)
-        size = store.size(digest) if digest is not None else None
-        if digest is None or size is None or size > oci.MAX_MANIFEST:
-            continue  # absent, or a layer (pins name those too): leads nowhere
-        data = store.read(digest)
-        if data is None:
-            continue
-        try:
-            doc = oci.load(data)
-            if oci.is_index(doc):
-                manifests += [d.digest for d in oci.children(doc)]
-            else:
-                seen.update(d.digest for d in oci.blobs(doc))
-        except oci.ManifestError:
-            continue  # not a manifest we can read: it leads nowhere
+        seen.add(digest)
+        pending += await metadata.children(digest) or []
     return seen
 
 
-def in_use(store: Store) -> set[str]:
-    return reachable(store, [*(r for i in images(store) for r in i.roots), *store.index.pins()])
+async def images(metadata: Metadata) -> AsyncIterator[tuple[str, list[str]]]:
+    """(name, root digests) of every image, in name order per kind, streamed."""
+    async for record in metadata.iter_tags():
+        name = f"{record.upstream}/{record.repo}:{record.tag}"
+        digests = await metadata.tag_digests(record.upstream, record.repo, record.tag)
+        yield name, [record.digest, *(d for d in digests if d != record.digest)]
+    async for ref in metadata.iter_refs():
+        if not await metadata.tagged(ref.upstream, ref.repo, ref.digest):
+            yield f"{ref.upstream}/{ref.repo}@{ref.digest}", [ref.digest]
+
+
+class Reachability:
+    """Whether a digest is in use: named by a root, or a child of a manifest in use.
+    Answers are memoised in a bounded cache (constant memory, whatever the cache holds)."""
+
+    def __init__(self, metadata: Metadata, ignore: Iterable[str] = ()) -> None:
+        self.metadata = metadata
+        self.ignore = set(ignore)  # manifests being removed: they keep nothing alive
+        self._memo: cachetools.LRUCache[str, bool] = cachetools.LRUCache(MEMO)
+
+    async def used(self, digest: str, depth: int = 0) -> bool:
+        known = self._memo.get(digest)
+        if known is not None:
+            return known
+        result = await self.metadata.named(digest)
+        if not result and depth < 8:
+            for parent in await self.metadata.parents(digest):
+                if parent not in self.ignore and await self.used(parent, depth + 1):
+                    result = True
+                    break
+        self._memo[digest] = result
+        return result
 
 
 def _digest(text: str) -> Digest | None:
@@ -146,43 +163,41 @@ def _digest(text: str) -> Digest | None:
         return None
 
 
-def _sizes(store: Store, digests: Iterable[str]) -> int:
-    total = 0
-    for text in digests:
-        digest = _digest(text)
-        size = store.size(digest) if digest is not None else None
-        total += size or 0
-    return total
-
-
 def _when(at: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at)) if at else "-"
+
+
+def _row(*cells: str) -> None:
+    name, rest = cells[0], cells[1:]
+    print(f"{name:<48}  {rest[0]:<71}  {rest[1]:>9}  {rest[2]}".rstrip(), flush=True)
 
 
 # -- commands --------------------------------------------------------------------------------
 
 
-def ls(store: Store) -> int:
-    rows: list[tuple[str, ...]] = [("IMAGE", "DIGEST", "SIZE", "LAST USE")]
-    for image in images(store):
-        digests = reachable(store, image.roots)
-        used = [store.recency.last_used(d) for d in digests]
-        rows.append((image.name, image.digest, human_bytes(_sizes(store, digests)),
-                     _when(max((u for u in used if u), default=None))))
-    _table(rows)
+async def ls(store: Store) -> int:
+    metadata = store.metadata
+    _row("IMAGE", "DIGEST", "SIZE", "LAST USE")
+    async for name, roots in images(metadata):
+        size, used = 0, 0.0
+        for digest in await closure(metadata, roots):
+            record = await metadata.content(digest)
+            if record is not None:
+                size += record.size
+                used = max(used, store.recency.pending.get(digest, record.used))
+        _row(name, roots[0], human_bytes(size), _when(used or None))
     return 0
 
 
-def du(store: Store, settings: Settings) -> int:
-    entries = [e for e in store.entries() if e.digest is not None]
-    total = sum(e.size for e in entries)
+async def du(store: Store, settings: Settings) -> int:
+    total, entries = await store.metadata.totals()
     if settings.max_cache_size is not None:
         budget, how = settings.max_cache_size, "max_cache_size"
     else:
         budget, how = default_budget(store, total), "default: 80 % of the room the cache has"
     partial = [p for p in store.tmp.iterdir() if p.name.endswith(".part")]
     partial_bytes = sum(_size_of(p) for p in partial)
-    print(f"content  {human_bytes(total)} ({total} bytes) in {len(entries)} entries")
+    print(f"content  {human_bytes(total)} ({total} bytes) in {entries} entries")
     print(f"budget   {human_bytes(budget)} ({budget} bytes; {how}), "
           f"{100 * total / budget if budget else 0:.0f} % used")
     print(f"partial  {human_bytes(partial_bytes)} ({partial_bytes} bytes) in {len(partial)} "
@@ -190,53 +205,57 @@ def du(store: Store, settings: Settings) -> int:
     return 0
 
 
-def rm(store: Store, settings: Settings, text: str) -> int:
+async def rm(store: Store, settings: Settings, text: str) -> int:
+    metadata = store.metadata
     try:
-        ref = _parse_ref(store, settings, text)
+        ref = await parse_ref(metadata, settings, text)
     except RefError as exc:
         print(f"mirror: {exc}", file=sys.stderr)
         return 2
-    index = store.index
     if ref.digest is not None and ref.tag is None:
-        found = [ref.digest] if any(
-            (u, r, d) == (ref.upstream, ref.repo, ref.digest) for u, r, d, _, _ in index.refs()
-        ) else []
-        if found:
-            index.drop_ref(ref.upstream, ref.repo, ref.digest)
+        roots = [ref.digest] if await metadata.drop_ref(ref.upstream, ref.repo,
+                                                        ref.digest) else []
     else:
-        found = [record.digest for _, record in index.tag_records()
-                 if (record.upstream, record.repo, record.tag) == (ref.upstream, ref.repo, ref.tag)]
-        if found:
-            assert ref.tag is not None
-            index.drop_tag(ref.upstream, ref.repo, ref.tag)
-    if not found:
+        assert ref.tag is not None
+        roots = await metadata.drop_tag(ref.upstream, ref.repo, ref.tag)
+    if not roots:
         print(f"mirror: {ref} is not in the cache", file=sys.stderr)
         return 1
-    keep = in_use(store)
-    removed, freed = _remove(store, reachable(store, found) - keep)
+    await metadata.unpin(str(ref))
+    doomed = await closure(metadata, roots)
+    reach = Reachability(metadata, ignore=doomed)
+    free = [d for d in doomed if not await reach.used(d)]
+    removed, freed = await _remove(store, free)
     print(f"removed {ref}: {removed} entries, {human_bytes(freed)}")
     return 0
 
 
-def gc(store: Store, min_age: float) -> int:
-    keep = in_use(store)
+async def gc(store: Store, min_age: float) -> int:
+    metadata = store.metadata
+    reach = Reachability(metadata)
     now = time.time()
-    doomed = []
-    for entry in store.entries():
-        if entry.digest is None or str(entry.digest) in keep:
+    removed = freed = 0
+    batch: list[str] = []
+    async for record in metadata.iter_content():
+        used = max(store.recency.pending.get(record.digest, 0.0), record.used)
+        if now - used < min_age or await reach.used(record.digest):
             continue
-        used = max(store.recency.last_used(str(entry.digest)) or 0.0, entry.mtime)
-        if now - used >= min_age:
-            doomed.append(str(entry.digest))
-    removed, freed = _remove(store, doomed)
+        batch.append(record.digest)
+        if len(batch) >= 500:
+            r, f = await _remove(store, batch)
+            removed, freed, batch = removed + r, freed + f, []
+    r, f = await _remove(store, batch)
+    removed, freed = removed + r, freed + f
+    strays = await _remove_strays(store, min_age)
     partials = store.cleanup_partials()
     locks = _remove_idle_locks(store)
-    print(f"removed {removed} entries ({human_bytes(freed)}) no image uses, "
-          f"{partials} abandoned partials, {locks} idle lock files")
+    print(f"removed {removed} entries ({human_bytes(freed)}) no image uses, {strays} stray "
+          f"files, {partials} abandoned partials, {locks} idle lock files")
     return 0
 
 
-def verify(store: Store) -> int:
+async def verify(store: Store) -> int:
+    """Re-hash every file under blobs/ (streamed); remove bad ones, record unknown good ones."""
     checked = bad = 0
     size = 0
     for entry in store.entries():
@@ -244,12 +263,19 @@ def verify(store: Store) -> int:
         if entry.digest is not None:
             checked += 1
             size += entry.size
-            reason = _check(entry.path, entry.digest)
+            reason = await asyncio.to_thread(_check, entry.path, entry.digest)
+            if reason is None:
+                record = await store.metadata.content(str(entry.digest))
+                if record is None:  # good bytes nobody recorded (a crash mid-commit)
+                    await store.metadata.add_content(str(entry.digest), entry.size, None,
+                                                     entry.mtime)
         if reason is None:
             continue
         bad += 1
-        print(f"bad: {entry.path}: {reason}; removed")
-        _discard(entry.path, entry.digest, store)
+        print(f"bad: {entry.path}: {reason}; removed", flush=True)
+        _discard(entry.path)
+        if entry.digest is not None:
+            await store.metadata.drop_content([str(entry.digest)])
     print(f"verified {checked} entries ({human_bytes(size)}): {bad} bad")
     return 1 if bad else 0
 
@@ -257,33 +283,45 @@ def verify(store: Store) -> int:
 # -- helpers ---------------------------------------------------------------------------------
 
 
-def _parse_ref(store: Store, settings: Settings, text: str) -> ImageRef:
-    """Parse against the configured upstreams and those the index names (by name or host)."""
+async def parse_ref(metadata: Metadata, settings: Settings, text: str) -> ImageRef:
+    """Parse against the configured upstreams and those the cache names (by name or host)."""
     upstreams = list(settings.upstreams)
     known = {u.name for u in upstreams}
-    names = {r.upstream for r in store.index.tags()} | {u for u, *_ in store.index.refs()}
-    for name in sorted(names - known):
-        with contextlib.suppress(SettingsError):
-            upstreams.append(parse_upstream({"name": name, "url": f"https://{name}"}))
+    for name in await metadata.upstream_names():
+        if name not in known:
+            with contextlib.suppress(SettingsError):
+                upstreams.append(parse_upstream({"name": name, "url": f"https://{name}"}))
     return imageref.parse(text, upstreams, known_only=False)
 
 
-def _remove(store: Store, digests: Iterable[str]) -> tuple[int, int]:
+async def _remove(store: Store, digests: Iterable[str]) -> tuple[int, int]:
     removed = freed = 0
     for text in digests:
         digest = _digest(text)
-        if digest is None or store.index.pinned(text):
+        if digest is None or await store.metadata.pinned(text):
             continue
-        path = store.path(digest)
-        try:
-            size = path.stat().st_size
-            path.unlink()
-        except FileNotFoundError:
+        size = store.size(digest)
+        if size is None:
+            await store.metadata.drop_content([text])
             continue
-        store.index.forget_use(text)
+        await store.remove(digest)
         removed += 1
         freed += size
     return removed, freed
+
+
+async def _remove_strays(store: Store, min_age: float) -> int:
+    """Files under blobs/ with no content record, older than `min_age` (streamed walk)."""
+    removed = 0
+    now = time.time()
+    for entry in store.entries():
+        if now - entry.mtime < min_age:
+            continue
+        if entry.digest is not None and await store.metadata.content(str(entry.digest)):
+            continue
+        _discard(entry.path)
+        removed += 1
+    return removed
 
 
 def _check(path: os.PathLike[str], digest: Digest) -> str | None:
@@ -297,14 +335,12 @@ def _check(path: os.PathLike[str], digest: Digest) -> str | None:
     return None if got == digest.hex else f"content hashes to {digest.algorithm}:{got}"
 
 
-def _discard(path: os.PathLike[str], digest: Digest | None, store: Store) -> None:
+def _discard(path: os.PathLike[str]) -> None:
     with contextlib.suppress(FileNotFoundError):
         if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path)
         else:
             os.unlink(path)
-    if digest is not None:
-        store.index.forget_use(str(digest))
 
 
 def _remove_idle_locks(store: Store) -> int:
@@ -330,8 +366,4 @@ def _size_of(path: os.PathLike[str]) -> int:
         return 0
 
 
-def _table(rows: list[tuple[str, ...]]) -> None:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
-              .rstrip())
+__all__ = ["ImageRef", "add_parser", "closure", "images", "run"]

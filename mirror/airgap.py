@@ -11,15 +11,18 @@ import argparse
 import asyncio
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from mirror import exporter, imageref, importer, seed, services
+from mirror import metadata as metadata_module
 from mirror.oci import Platform
 from mirror.progress import Progress
 from mirror.settings import Settings, SettingsError, load
 from mirror.store import Store
 
+T = TypeVar("T")
 COMMANDS = ("seed", "export", "import")
 SETTING_FLAGS = ("config", "cache_dir", "upstreams")
 
@@ -119,18 +122,32 @@ def run_seed(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if all(o.error is None for o in outcomes) else 1
 
 
-def run_export(settings: Settings, args: argparse.Namespace) -> int:
-    store = Store(settings.cache_dir)
-    progress = Progress()
+async def with_store(settings: Settings,
+                     work: Callable[[Store], Awaitable[T]]) -> T:
+    """Run `work` on the cache's store, opened and closed around it."""
+    metadata = metadata_module.create(settings.cache_dir, settings.redis_url)
+    await metadata.open()
+    store = Store(settings.cache_dir, metadata)
     try:
-        report = exporter.export(store, settings.upstreams, args.output, args.images,
-                                 Path(args.since) if args.since else None, progress)
+        return await work(store)
+    finally:
+        await store.close()
+        await metadata.close()
+
+
+def run_export(settings: Settings, args: argparse.Namespace) -> int:
+    progress = Progress()
+
+    async def main(store: Store) -> exporter.Report:
+        return await exporter.export(store, settings.upstreams, args.output, args.images,
+                                     Path(args.since) if args.since else None, progress)
+
+    try:
+        report = asyncio.run(with_store(settings, main))
     except (exporter.ExportError, imageref.RefError, OSError) as exc:
         progress.close()
         print(f"mirror export: {exc}", file=sys.stderr)
         return 1
-    finally:
-        store.close()
     progress.close()
     print(exporter.summary(report, args.output), file=sys.stderr if args.output == "-"
           else sys.stdout)
@@ -138,11 +155,14 @@ def run_export(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def run_import(settings: Settings, args: argparse.Namespace) -> int:
-    store = Store(settings.cache_dir)
     progress = Progress()
+
+    async def main(store: Store) -> importer.Report:
+        return await importer.import_bundle(store, settings.upstreams, Path(args.bundle),
+                                            progress, args.name, not args.no_pin)
+
     try:
-        report = importer.import_bundle(store, settings.upstreams, Path(args.bundle), progress,
-                                        args.name, not args.no_pin)
+        report = asyncio.run(with_store(settings, main))
     except (importer.BundleError, imageref.RefError, OSError, EOFError) as exc:
         progress.close()
         print(f"mirror import: refused {args.bundle}, nothing imported:\n{exc}",
@@ -152,8 +172,6 @@ def run_import(settings: Settings, args: argparse.Namespace) -> int:
         progress.close()
         print(f"mirror import: cannot read {args.bundle}: {exc}", file=sys.stderr)
         return 1
-    finally:
-        store.close()
     progress.close()
     print(importer.summary(report, Path(args.bundle)))
     return 0

@@ -6,18 +6,19 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 
 from mirror import errors, services
-from mirror.access import Access
 from mirror.evict import Evictor
 from mirror.metrics import Metrics
 from mirror.observe import AccessLog, Health, Observe
 from mirror.routes import Handlers
 from mirror.routes_push import PushHandlers
+from mirror.scrub import Scrubber
 from mirror.settings import RESOLVED_ENV, Settings
 from mirror.uploads import Uploads
 
@@ -27,25 +28,38 @@ log = logging.getLogger("mirror")
 def create_app(settings: Settings) -> Starlette:
     metrics = Metrics()
     parts = services.build(settings, metrics)  # the parts `mirror seed` uses too
-    store, clients, fills, manifests = parts.store, parts.clients, parts.fills, parts.manifests
+    store, clients, fills = parts.store, parts.clients, parts.fills
     removed = store.cleanup_partials()
     if removed:
         log.info("removed %d partial downloads left by an earlier run", removed)
-    access = Access(store.index)
-    handlers = Handlers(clients, manifests, parts.blobs, access, settings.public_url, metrics)
+    handlers = Handlers(clients, parts.manifests, parts.blobs, parts.access, parts.identities,
+                        settings.public_url, metrics)
     uploads = Uploads(store.root / "uploads", store, settings.upload_timeout,
                       settings.max_layer_size, metrics)
     access_log = AccessLog()
     health = Health(metrics, store, next(iter(clients.values())), settings.offline)
-    pushes = PushHandlers(handlers, uploads, manifests, access)
+    pushes = PushHandlers(handlers, uploads, parts.manifests, parts.access)
 
     evictor = Evictor(store, settings.max_cache_size, metrics=metrics)
     store.on_commit = evictor.committed
+    scrubber = Scrubber(store, settings.scrub_rate)
+
+    async def prune_grants() -> None:
+        """Grants of single tokens are no use once expired: drop them (bounded table)."""
+        while True:
+            await asyncio.sleep(max(settings.access_ttl, 10.0))
+            try:
+                await parts.metadata.prune_grants(time.time() - settings.access_ttl)
+            except Exception:
+                log.exception("pruning expired grants failed")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await parts.metadata.open()
         background = [asyncio.create_task(store.recency.run(), name="recency"),
                       asyncio.create_task(evictor.run(), name="evict"),
+                      asyncio.create_task(scrubber.run(), name="scrub"),
+                      asyncio.create_task(prune_grants(), name="grants"),
                       asyncio.create_task(uploads.run(clients), name="uploads")]
         yield
         access_log.flush()
@@ -69,9 +83,11 @@ def create_app(settings: Settings) -> Starlette:
                        log_format=settings.access_log)
     app.state.metrics = metrics
     app.state.settings = settings
+    app.state.services = parts
     app.state.store = store
     app.state.fills = fills
     app.state.evictor = evictor
+    app.state.scrubber = scrubber
     app.state.clients = clients
     return app
 

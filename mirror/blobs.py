@@ -1,4 +1,8 @@
-"""Blobs: served from the cache, or streamed from a shared upstream fill."""
+"""Blobs: served from the cache, or streamed from a shared upstream fill.
+
+Whether the cache may serve a read at all is `mirror.access`'s decision; this module only
+carries it out (`cached`: the bytes may come from the cache).
+"""
 
 from __future__ import annotations
 
@@ -19,27 +23,33 @@ class BlobService:
 
     async def size(
         self, client: UpstreamClient, repo: str, digest: Digest,
-        credential: Credential | None = None,
+        credential: Credential | None = None, *, cached: bool = True,
+        known: int | None = None,
     ) -> int:
-        """The blob's length, for HEAD: from the cache, a running fill, or an upstream HEAD."""
-        size = self.store.size(digest)
-        if size is not None:
-            return size
-        fill = self.fills.active.get(digest)
-        if fill is not None and fill.size is not None:
-            return fill.size
+        """The blob's length, for HEAD: from the cache, a running fill, what the upstream
+        already said (`known`), or an upstream HEAD."""
+        if cached:
+            size = await self.store.committed_size(digest)
+            if size is not None:
+                return size
+            fill = self.fills.active.get(digest)
+            if fill is not None and fill.size is not None:
+                return fill.size
+        if known is not None:
+            return known
         response = await client.send("HEAD", f"/v2/{repo}/blobs/{digest}", repo=repo,
                                      credential=credential)
         length = response.headers.get("content-length", "")
         if response.status_code != 200:
             raise upstream_error(response, client.name, errors.BlobUnknown, f"blob {digest}")
-        if not length.isdigit():
+        if not (length.isascii() and length.isdigit()):
             raise errors.UpstreamError(f"upstream {client.name} sent no length for {digest}")
         return int(length)
 
     async def open(
         self, client: UpstreamClient, repo: str, digest: Digest,
-        credential: Credential | None = None,
+        credential: Credential | None = None, *, cached: bool = True,
+        expected: int | None = None,
     ) -> Reader:
         """A reader over the blob; the caller streams `reader.chunks(...)` (which closes it)."""
 
@@ -56,4 +66,5 @@ class BlobService:
                     response, client.name, errors.BlobUnknown, f"blob {digest}", body)
             return response
 
-        return await self.fills.open(digest, fetch, client.name)
+        return await self.fills.open(digest, fetch, client.name, cached=cached,
+                                     expected=expected)

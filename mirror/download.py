@@ -40,6 +40,7 @@ class Body:
         self._upstream = upstream
         self.status_code = response.status
         self.headers: Mapping[str, str] = response.headers
+        self.url = str(response.url)  # after redirects: who answered
 
     async def aiter_raw(self) -> AsyncIterator[bytes]:
         try:

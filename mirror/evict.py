@@ -1,18 +1,16 @@
 """Keeping the cache under its byte budget: the least recently used content goes first.
 
-Usage is a counter of the bytes under blobs/: set by a scan every `RESCAN` seconds (10k
-files: ~0.1 s, in a thread) and bumped by every commit in this process, so a commit that
-passes the budget wakes the evictor at once. Other workers' commits show at the next
-scan; every worker runs an evictor, and they take turns through the `evict` lock (a busy
-lock means another process is evicting right now).
+Usage comes from the metadata store's running totals (every commit and removal keeps them),
+so a pass never walks the disk: it reads unpinned content in order of last use from an index
+and removes until the total is under `LOW_WATER` of the budget. Every worker (and replica)
+runs an evictor; they take turns through the `evict` lock in the metadata store. A commit
+in this process that passes the budget wakes its evictor at once.
 
-A pass scans blobs/ and removes content in order of last use (`Recency`: this process's
-pending hits, then the index; else the file's mtime) until the total is under `LOW_WATER`
-of the budget, so that passes do not run at every commit. Never removed:
+Never removed:
 - pinned content;
 - content used (or committed) in the last `GRACE` seconds, whatever the budget: a follower
   in another worker may not have seen the commit yet, and it is in use;
-- fills in progress: they live in tmp/, not blobs/.
+- fills in progress: they are not content yet.
 Removal is unlink(2): a client already reading the file keeps its descriptor and gets every
 byte; the next request misses and fetches again. Tag records stay: offline serving falls
 back to them, and a tag whose manifest was evicted simply misses (online: refetched).
@@ -24,19 +22,23 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
+import socket
 import time
 from dataclasses import dataclass
 
 from mirror.metrics import Metrics
-from mirror.store import FillLock, Store
+from mirror.reference import parse_digest
+from mirror.store import Store
 
 log = logging.getLogger("mirror.evict")
 
-RESCAN = 60.0  # seconds between scans when nothing wakes the evictor earlier
+RESCAN = 60.0  # seconds between passes when nothing wakes the evictor earlier
 GRACE = 2.0  # content used this recently stays, even over budget
 LOW_WATER = 0.9  # a pass frees down to this fraction of the budget
 DEFAULT_SHARE = 0.8  # default budget: this share of the room the cache has at start
 MIN_INTERVAL = 1.0  # seconds between two passes of one process
+LEASE = 300.0  # seconds the evict lock is held at most (a dead evictor's lock expires)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,56 +50,48 @@ class Pass:
     kept_recent: bool  # over budget still, because of content used within GRACE
 
 
-def default_budget(store: Store, held: int | None = None) -> int:
+def default_budget(store: Store, held: int) -> int:
     """`DEFAULT_SHARE` of the room the cache has: what it holds plus the free space.
 
     Counting what it holds keeps the budget stable across restarts (a fuller cache has less
     free space left), so a restart does not evict what the previous run was allowed to keep.
     """
-    if held is None:
-        held = sum(e.size for e in store.entries() if e.digest is not None)
     st = os.statvfs(store.root)
     return int(DEFAULT_SHARE * (held + st.f_bavail * st.f_frsize))
 
 
-def evict_once(store: Store, budget: int, grace: float = GRACE) -> Pass | None:
-    """One pass (blocking: run it in a thread); None if another process is evicting."""
-    lock = FillLock(store.locks / "evict.lock")
-    if not lock.acquire():
+def lock_owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+async def evict_once(store: Store, budget: int, grace: float = GRACE,
+                     owner: str | None = None) -> Pass | None:
+    """One pass; None if another process is evicting right now."""
+    metadata = store.metadata
+    owner = owner or lock_owner()
+    if not await metadata.acquire("evict", owner, LEASE):
         return None
     try:
-        entries = [e for e in store.entries() if e.digest is not None]
-        total = sum(e.size for e in entries)
+        total, entries = await metadata.totals()
         if total <= budget:
-            return Pass(total, len(entries), 0, 0, False)
+            return Pass(total, entries, 0, 0, False)
         target = int(budget * LOW_WATER)
         now = time.time()
-        recency = store.recency
-        aged = sorted(
-            ((max(recency.last_used(str(e.digest)) or 0.0, e.mtime), e) for e in entries),
-            key=lambda pair: pair[0])
         removed = freed = 0
-        kept_recent = False
-        gone: list[str] = []
-        for used, entry in aged:
+        async for record in metadata.oldest(before=now - grace):
             if total <= target:
                 break
-            if now - used < grace:
-                kept_recent = True  # sorted: everything after this was used more recently
-                break
-            if store.index.pinned(str(entry.digest)):
-                continue
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(entry.path)
+            pending = store.recency.pending.get(record.digest)
+            if pending is not None and now - pending < grace:
+                continue  # used here in the last moments: not yet in the store's record
+            with contextlib.suppress(Exception):
+                await store.remove(parse_digest(record.digest))
                 removed += 1
-                freed += entry.size
-            total -= entry.size
-            gone.append(str(entry.digest))
-        store.index.forget_use(*gone)  # one transaction: a delete each costs ~0.1 ms
-        return Pass(total, len(entries) - removed, removed, freed,
-                    kept_recent and total > budget)
+                freed += record.size
+                total -= record.size
+        return Pass(total, entries - removed, removed, freed, total > budget)
     finally:
-        lock.release()
+        await metadata.release("evict", owner)
 
 
 class Evictor:
@@ -109,11 +103,12 @@ class Evictor:
         self.metrics = metrics
         self.budget = budget  # None: computed (default_budget) by the first pass
         self.grace = grace
-        self.used = 0  # bytes under blobs/: last scan plus commits since
+        self.used = 0  # bytes of content: the last pass's total plus commits since
         self.passes = 0
         self.stuck = False  # over budget with nothing left to evict (pinned content)
         self._since = 0  # bytes committed while a pass runs
         self._wake = asyncio.Event()
+        self.owner = lock_owner()
 
     def committed(self, size: int) -> None:
         """Called on every commit in this process (`Store.on_commit`): cheap."""
@@ -125,13 +120,13 @@ class Evictor:
         if self.budget is not None and self.used > self.budget:
             self._wake.set()
 
-    def _pass(self) -> Pass | None:
+    async def _pass(self) -> Pass | None:
         if self.budget is None:
-            held = sum(e.size for e in self.store.entries() if e.digest is not None)
+            held, _ = await self.store.metadata.totals()
             self.budget = default_budget(self.store, held)
             log.info("cache budget %d bytes (%d%% of the room the cache has; holding %d)",
                      self.budget, DEFAULT_SHARE * 100, held)
-        return evict_once(self.store, self.budget, self.grace)
+        return await evict_once(self.store, self.budget, self.grace, self.owner)
 
     async def run(self) -> None:
         wait = 0.0  # the first pass runs at once: it learns the usage (and the budget)
@@ -141,7 +136,7 @@ class Evictor:
             self._wake.clear()
             self._since = 0
             try:
-                result = await asyncio.to_thread(self._pass)
+                result = await self._pass()
             except Exception:
                 log.exception("eviction pass failed")
                 result = None

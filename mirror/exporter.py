@@ -18,7 +18,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -93,7 +93,7 @@ class Exporter:
         size = self.store.size(parsed) if parsed else None
         if parsed is None or size is None or size > oci.MAX_MANIFEST:
             return None
-        return self.store.read(parsed)
+        return self.store.read_file(parsed)
 
     def has(self, digest: str) -> bool:
         parsed = _digest(digest)
@@ -101,7 +101,7 @@ class Exporter:
 
     # -- what to export ------------------------------------------------------------------
 
-    def select(self, names: Sequence[str]) -> Report:
+    async def select(self, names: Sequence[str]) -> Report:
         """The entries for `names` (all cached images if none); raises if a named one is
         not whole in the cache."""
         report = Report([])
@@ -109,50 +109,49 @@ class Exporter:
             problems = []
             for text in names:
                 try:
-                    report.entries.append(self._named(text))
+                    report.entries.append(await self._named(text))
                 except (ExportError, imageref.RefError, oci.ManifestError) as exc:
                     problems.append(str(exc))
             if problems:
                 raise ExportError("\n".join(problems))
         else:
-            for ref, root in self._everything():
+            async for ref, root in self._everything():
                 try:
-                    report.entries.append(self.entry(ref, root))
+                    report.entries.append(await self.entry(ref, root))
                 except (ExportError, oci.ManifestError) as exc:
                     report.skipped.append(str(exc))
         by_name = {e.name: e for e in report.entries}
         report.entries = [by_name[n] for n in sorted(by_name)]
         return report
 
-    def _everything(self) -> list[tuple[ImageRef, Descriptor]]:
-        index = self.store.index
-        found = [(ImageRef(r.upstream, r.repo, r.tag, None),
-                  Descriptor(r.media_type, r.digest, r.size)) for r in index.tags()]
-        tagged = {(ref.upstream, ref.repo, root.digest) for ref, root in found}
-        for upstream, repo, digest, media_type, size in index.refs():
-            if (upstream, repo, digest) not in tagged:
-                found.append((ImageRef(upstream, repo, None, digest),
-                              Descriptor(media_type, digest, size)))
-        return found
+    async def _everything(self) -> AsyncIterator[tuple[ImageRef, Descriptor]]:
+        metadata = self.store.metadata
+        async for r in metadata.iter_tags():
+            yield ImageRef(r.upstream, r.repo, r.tag, None), Descriptor(r.media_type, r.digest,
+                                                                        r.size)
+        async for ref in metadata.iter_refs():
+            if not await metadata.tagged(ref.upstream, ref.repo, ref.digest):
+                yield (ImageRef(ref.upstream, ref.repo, None, ref.digest),
+                       Descriptor(ref.media_type, ref.digest, ref.size))
 
-    def _named(self, text: str) -> Entry:
+    async def _named(self, text: str) -> Entry:
         ref = imageref.parse(text, self.upstreams)
         digest = ref.digest
         media_type = ""
         if digest is None:
             assert ref.tag is not None
-            record = self.store.index.tag(ref.upstream, ref.repo, ref.tag, None)
+            record = await self.store.metadata.tag(ref.upstream, ref.repo, ref.tag, None)
             if record is None:
                 raise ExportError(f"{ref}: not in the cache (seed it first)")
             digest, media_type = record.digest, record.media_type
-        return self.entry(ref, Descriptor(media_type, digest, -1))
+        return await self.entry(ref, Descriptor(media_type, digest, -1))
 
-    def entry(self, ref: ImageRef, root: Descriptor) -> Entry:
+    async def entry(self, ref: ImageRef, root: Descriptor) -> Entry:
         parsed = _digest(root.digest)
         size = self.store.size(parsed) if parsed else None
         if parsed is None or size is None:
             raise ExportError(f"{ref}: manifest {root.digest} is not in the cache")
-        media_type = self.store.index.media_type(root.digest) or root.media_type
+        media_type = await self.store.metadata.media_type(root.digest) or root.media_type
         root = Descriptor(media_type, root.digest, size)
         closure = oci.walk(root, self.read, self.has)
         if not closure.complete:
@@ -224,14 +223,14 @@ class Exporter:
         task.finish(f"{report.blobs} blobs, {human_bytes(report.bytes)}")
 
 
-def export(
+async def export(
     store: Store, upstreams: Sequence[Upstream], output: str, names: Sequence[str],
     since: Path | None, progress: Progress,
 ) -> Report:
     """Write the bundle to `output` (`-`: standard output); in place only when complete."""
     started = time.monotonic()
     exporter = Exporter(store, upstreams)
-    report = exporter.select(names)
+    report = await exporter.select(names)
     if not report.entries:
         raise ExportError("no cached image to export" + (
             ": " + "; ".join(report.skipped) if report.skipped else ""))

@@ -49,33 +49,46 @@ class DigestMismatch(UpstreamError):
 
 class Fills:
     def __init__(self, store: Store, wait_timeout: float = 60.0,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, max_size: int = 10 * 10**9,
+                 deadline: float = 3600.0) -> None:
         self.store = store
         self.metrics = metrics
         self.wait_timeout = wait_timeout
+        self.max_size = max_size  # no blob is longer (max_layer_size)
+        self.deadline = deadline  # seconds a whole download may take (upstream_deadline)
         self.active: dict[Digest, Fill] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def open(self, digest: Digest, fetch: Fetch, upstream: str = "") -> Reader:
+    async def open(self, digest: Digest, fetch: Fetch, upstream: str = "", *,
+                   cached: bool = True, expected: int | None = None) -> Reader:
         """A reader over `digest`: from the cache, or following a (new or running) fill.
 
-        `upstream` names where a new fill downloads from (for metrics).
+        `upstream` names where a new fill downloads from (the holder it records). With
+        `cached` False, bytes already committed may not serve this read (that upstream has
+        not delivered them itself: see `mirror.access`): it follows a fill from the same
+        upstream, or runs a private fill that no one else joins. `expected`: the exact
+        length, when that upstream said.
         """
         for _ in range(5):
-            reader = self._committed(digest)
-            if reader:
-                self._count("hit")
-                return reader
+            if cached:
+                reader = await self._committed(digest)
+                if reader:
+                    self._count("hit")
+                    return reader
+            elif await self.store.committed_size(digest) is not None:
+                return await self._own(digest, fetch, upstream, expected)
             fill = self.active.get(digest)
             if fill is not None:
+                if not cached and fill.upstream != upstream:
+                    return await self._own(digest, fetch, upstream, expected)
                 self._joined()
             else:
                 lock = FillLock(self.store.lock_path(digest))
                 if lock.acquire():
-                    if self.store.has(digest):
+                    if await self.store.committed_size(digest) is not None:
                         lock.release()
                         continue
-                    fill = self._start(digest, lock, fetch, upstream)
+                    fill = self._start(digest, lock, fetch, upstream, expected)
             if fill is not None:
                 await fill.started.wait()
                 if fill.error is not None and fill.size is None:
@@ -84,12 +97,24 @@ class Fills:
                     continue  # finished or failed meanwhile: look again
                 self._count("miss")
                 return LocalReader(os.dup(fill.fd), fill)
-            reader = await self._follow_remote(digest)
-            if reader:
+            remote = await self._follow_remote(digest, None if cached else upstream)
+            if isinstance(remote, Reader):
                 self._joined()
                 self._count("miss")
-                return reader
+                return remote
+            if remote == "elsewhere":
+                return await self._own(digest, fetch, upstream, expected)
         raise UpstreamError(f"could not fetch {digest}: the download kept failing")
+
+    async def _own(self, digest: Digest, fetch: Fetch, upstream: str,
+                   expected: int | None) -> Reader:
+        """A private fill: its bytes come from `upstream` itself, whatever the cache has."""
+        fill = self._start(digest, None, fetch, upstream, expected)
+        await fill.started.wait()
+        if fill.error is not None and fill.size is None:
+            raise fill.error
+        self._count("miss")
+        return LocalReader(os.dup(fill.fd), fill)
 
     def _count(self, result: str) -> None:
         if self.metrics is not None:
@@ -99,19 +124,26 @@ class Fills:
         if self.metrics is not None:
             self.metrics.fill_joins.inc()
 
-    def _committed(self, digest: Digest) -> Reader | None:
-        try:
-            fd = os.open(self.store.path(digest), os.O_RDONLY)
-        except FileNotFoundError:
+    async def _committed(self, digest: Digest) -> Reader | None:
+        opened = await self.store.open(digest)
+        if opened is None:
             return None
         self.store.recency.touch(digest)
-        return CommittedReader(fd, os.fstat(fd).st_size)
+        return CommittedReader(*opened)
 
-    def _start(self, digest: Digest, lock: FillLock, fetch: Fetch, upstream: str) -> Fill:
+    def _start(self, digest: Digest, lock: FillLock | None, fetch: Fetch, upstream: str,
+               expected: int | None) -> Fill:
+        """A fill under `lock` (shared: in `active`, its partial followed by other workers),
+        or without one (private: its own partial, joined by no one)."""
         fill = Fill(digest)
         fill.upstream = upstream
+        fill.expected = expected
+        if lock is None:
+            fill.private = self.store.tmp / (
+                f"{digest.algorithm}-{digest.hex}.{os.getpid()}-{id(fill):x}.own")
         log.debug("fill of %s started in process %d", digest, os.getpid())
-        self.active[digest] = fill
+        if lock is not None:
+            self.active[digest] = fill
         if self.metrics is not None:
             self.metrics.fills.inc()
         task = asyncio.create_task(self._run(fill, lock, fetch), name=f"fill {digest}")
@@ -119,8 +151,10 @@ class Fills:
         task.add_done_callback(self._tasks.discard)
         return fill
 
-    async def _follow_remote(self, digest: Digest) -> Reader | None:
-        """Wait for another process's fill to announce its size; None if it went away."""
+    async def _follow_remote(self, digest: Digest,
+                             upstream: str | None) -> Reader | str | None:
+        """Wait for another process's fill to announce its size; None if it went away,
+        "elsewhere" if it downloads from another upstream than `upstream` (when given)."""
         deadline = time.monotonic() + self.wait_timeout
         size_path = self.store.size_path(digest)
         while time.monotonic() < deadline:
@@ -132,43 +166,56 @@ class Fills:
                     return None
                 await asyncio.sleep(POLL)
                 continue
-            return RemoteReader(fd, int(text) if text.strip() else None, self.store, digest)
+            size, _, source = text.partition("\n")
+            if upstream is not None and source != upstream:
+                os.close(fd)
+                return "elsewhere"
+            return RemoteReader(fd, int(size) if size.strip() else None, self.store, digest)
         raise UpstreamTimeout(f"timed out waiting for another worker's download of {digest}")
 
-    async def _run(self, fill: Fill, lock: FillLock, fetch: Fetch) -> None:
+    async def _run(self, fill: Fill, lock: FillLock | None, fetch: Fetch) -> None:
         digest = fill.digest
-        part = self.store.partial_path(digest)
-        size_path = self.store.size_path(digest)
+        part = fill.private or self.store.partial_path(digest)
+        size_path = self.store.size_path(digest) if fill.private is None else None
         fd = -1
         fill.lock = lock
         try:
             for stale in (part, size_path):
                 with contextlib.suppress(FileNotFoundError):
-                    stale.unlink()
-            response = await fetch(0)
-            try:
-                length = response.headers.get("content-length")
-                fill.size = int(length) if length and length.isdigit() else None
-                tmp = size_path.with_suffix(f".{os.getpid()}")
+                    if stale is not None:
+                        stale.unlink()
+            # However the upstream behaves, a fill ends by this deadline.
+            async with asyncio.timeout(self.deadline):
+                response = await fetch(0)
                 try:
-                    fill.fd = fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-                    tmp.write_text("" if fill.size is None else str(fill.size))
-                    os.rename(tmp, size_path)
-                except OSError as exc:
-                    tmp.unlink(missing_ok=True)
-                    if exc.errno not in DISK_FULL:
-                        raise
-                    if fd < 0:  # not even an empty partial: readers need an fd all the same
-                        fill.fd = fd = os.memfd_create("relay")
-                    self._detach(fill, 0)
-                fill.started.set()
-                await self._download(fill, fd, response, fetch)
-            finally:
-                await response.aclose()
+                    fill.size = self._announced(fill, response)
+                    try:
+                        fill.fd = fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+                        if size_path is not None:
+                            tmp = size_path.with_suffix(f".{os.getpid()}")
+                            try:
+                                tmp.write_text(("" if fill.size is None else str(fill.size))
+                                               + "\n" + fill.upstream)
+                                os.rename(tmp, size_path)
+                            finally:
+                                tmp.unlink(missing_ok=True)
+                    except OSError as exc:
+                        if exc.errno not in DISK_FULL:
+                            raise
+                        if fd < 0:  # not even an empty partial: readers need an fd all the same
+                            fill.fd = fd = os.memfd_create("relay")
+                        self._detach(fill, 0)
+                    fill.started.set()
+                    await self._download(fill, fd, response, fetch)
+                finally:
+                    await response.aclose()
             if fill.relay is None:
-                self.store.commit(digest, part)
+                await self.store.commit(digest, part, fill.upstream or None)
             fill.committed = True  # verified: readers may have the last byte
         except BaseException as exc:
+            if isinstance(exc, TimeoutError):
+                exc = UpstreamTimeout(f"download of {digest} did not finish within "
+                                      f"{self.deadline:g} s")
             fill.error = exc
             if self.metrics is not None and not isinstance(exc, asyncio.CancelledError):
                 reason = ("digest_mismatch" if isinstance(exc, DigestMismatch)
@@ -182,19 +229,33 @@ class Fills:
             if isinstance(exc, asyncio.CancelledError):
                 raise
         finally:
-            if fill.relay is None:
+            if fill.relay is None and size_path is not None:
                 with contextlib.suppress(FileNotFoundError):
                     size_path.unlink()
             if fd >= 0:
                 os.close(fd)
             fill.fd = -1
-            lock.release()
+            if lock is not None:
+                lock.release()
             if self.active.get(digest) is fill:
                 del self.active[digest]
             if self.metrics is not None:
                 self.metrics.fills.dec()
             fill.started.set()
             fill.notify()
+
+    def _announced(self, fill: Fill, response: Streamed) -> int | None:
+        """The length the fill must reach, checked against what we know before any byte."""
+        length = response.headers.get("content-length", "")
+        size = int(length) if length.isascii() and length.isdigit() else None
+        if size is not None and fill.expected is not None and size != fill.expected:
+            raise DigestMismatch(f"upstream announced {size} bytes for {fill.digest}, "
+                                 f"its descriptor says {fill.expected}")
+        size = size if size is not None else fill.expected
+        if size is not None and size > self.max_size:
+            raise UpstreamError(f"upstream announced {size} bytes for {fill.digest}, over "
+                                f"the limit of {self.max_size}")
+        return size
 
     def _detach(self, fill: Fill, start: int) -> None:
         """The disk is full: stop caching `fill`, relay the rest to its readers from memory.
@@ -292,7 +353,7 @@ class Fills:
                         if pending >= CHUNK or now - flushed > FLUSH_INTERVAL:
                             await queue.put(parts)
                             parts, pending, flushed = [], 0, now
-                            if failed or (fill.size is not None and received > fill.size):
+                            if failed or received > (fill.size or self.max_size):
                                 break
                     broken: Exception | None = None
                 except (httpx.TransportError, BodyBroken, UpstreamTimeout) as exc:
@@ -331,6 +392,8 @@ class Fills:
                 writing.cancel()
                 with contextlib.suppress(BaseException):
                     await writing
+        if fill.size is None and fill.written > self.max_size:
+            raise DigestMismatch(f"upstream sent over {self.max_size} bytes for {fill.digest}")
         if fill.size is not None and fill.written != fill.size:
             raise DigestMismatch(
                 f"upstream sent {fill.written} bytes for {fill.digest}, announced {fill.size}")

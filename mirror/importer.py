@@ -24,7 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from mirror import errors, exporter, imageref, layout, oci
+from mirror.identity import ANONYMOUS_IDENTITY
 from mirror.imageref import ImageRef
+from mirror.metadata import Grant, RefRecord, TagRecord
 from mirror.oci import Closure, Descriptor
 from mirror.progress import Progress, Task, human_bytes, human_duration
 from mirror.reference import parse_digest
@@ -129,7 +131,7 @@ class Importer:
         size = self.store.size(parsed)
         if size is not None and size > oci.MAX_MANIFEST:
             raise oci.ManifestError(f"{digest} is too large for a manifest")
-        return self.store.read(parsed)
+        return self.store.read_file(parsed)
 
     def has(self, digest: str) -> bool:
         if digest in self.staged:
@@ -206,33 +208,46 @@ class Importer:
 
     # -- committing --------------------------------------------------------------------
 
-    def commit(self, images: list[Image], report: Report) -> None:
+    async def commit(self, images: list[Image], report: Report) -> None:
+        """Everything checked out: move the blobs in and record what the bundle says.
+
+        The operator vouches for a bundle: each image's content is held by the upstream it
+        names, linked to its repository, and readable by anyone (an anonymous grant, which
+        counts offline; online, access is probed again once it is older than access_ttl).
+        """
         needed = {d for image in images for d in image.closure.digests}
         for name, path in self.staged.items():
             parsed = parse_digest(name)
-            if name not in needed or self.store.has(parsed):
+            if name not in needed or await self.store.committed_size(parsed) is not None:
                 path.unlink(missing_ok=True)
                 continue
             report.added_bytes += path.stat().st_size
-            self.store.commit(parsed, path)
+            await self.store.commit(parsed, path, None)
             report.added += 1
         self.staged.clear()
-        index = self.store.index
+        metadata = self.store.metadata
         for image in images:
             closure = image.closure
             for digest, media_type in closure.manifests.items():
-                index.set_media_type(digest, media_type)
+                data = self.read(digest) or b""
+                await metadata.add_manifest(digest, media_type, oci.named_digests(data))
             ref, root = image.ref, closure.root.digest
             if ref is not None:
                 media_type, size = closure.manifests[root], self.size(root)
                 if ref.tag is not None:
-                    index.drop_tag(ref.upstream, ref.repo, ref.tag)  # the bundle says what it is
-                    index.set_tag(ref.upstream, ref.repo, ref.tag, None, root, media_type, size)
+                    await metadata.drop_tag(ref.upstream, ref.repo, ref.tag)  # the bundle says
+                    await metadata.set_tag(TagRecord(ref.upstream, ref.repo, ref.tag, root,
+                                                     media_type, size, time.time()), None)
                 if ref.digest is not None:
-                    index.add_ref(ref.upstream, ref.repo, root, media_type, size)
-                index.link(ref.upstream, ref.repo, closure.digests)
+                    await metadata.add_ref(RefRecord(ref.upstream, ref.repo, root, media_type,
+                                                     size))
+                await metadata.link(ref.upstream, ref.repo, closure.digests)
+                for digest in closure.digests:
+                    await metadata.add_holder(digest, ref.upstream)
+                await metadata.grant(Grant(ref.upstream, ref.repo, ANONYMOUS_IDENTITY,
+                                           time.time(), True))
             if self.pin:
-                index.pin(closure.digests)
+                await metadata.pin(image.label, closure.digests)
 
     def discard(self) -> None:
         for path in self.staged.values():
@@ -250,7 +265,7 @@ def _input_size(source: Path) -> int | None:
     return None if head.startswith(COMPRESSED) else os.stat(source).st_size
 
 
-def import_bundle(
+async def import_bundle(
     store: Store, upstreams: Sequence[Upstream], source: Path, progress: Progress,
     name: str | None = None, pin: bool = True,
 ) -> Report:
@@ -265,7 +280,7 @@ def import_bundle(
         images = importer.images(index_json, report)
         if importer.problems:
             raise BundleError("\n".join(importer.problems))
-        importer.commit(images, report)
+        await importer.commit(images, report)
     finally:
         importer.discard()
     report.images = images

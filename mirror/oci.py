@@ -113,6 +113,28 @@ def blobs(doc: dict[str, Any]) -> list[Descriptor]:
     return found
 
 
+def named_digests(data: bytes) -> list[str]:
+    """Every digest a manifest names (config, layers, index entries, schema 1 layers),
+    whatever its type says: what `cache rm` and `gc` follow. Never a basis for access
+    (`mirror.access.linked_descriptors` is)."""
+    try:
+        doc = load(data)
+    except ManifestError:
+        return []
+    found = []
+    for key in ("config",):
+        value = doc.get(key)
+        if isinstance(value, dict) and isinstance(value.get("digest"), str):
+            found.append(value["digest"])
+    for key, field_name in (("layers", "digest"), ("manifests", "digest"),
+                            ("fsLayers", "blobSum")):
+        items = doc.get(key)
+        for item in items if isinstance(items, list) else []:
+            if isinstance(item, dict) and isinstance(item.get(field_name), str):
+                found.append(item[field_name])
+    return found
+
+
 @dataclass
 class Closure:
     """Everything one image needs, as found; `missing` empty means complete."""

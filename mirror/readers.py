@@ -12,6 +12,7 @@ import contextlib
 import mmap
 import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from mirror.errors import StreamAborted
 from mirror.reference import Digest
@@ -34,7 +35,9 @@ class Fill:
         self.lock: FillLock | None = None
         self.followers: set[LocalReader] = set()
         self.relay: Relay | None = None  # the disk filled up: relayed, not cached
-        self.upstream = ""  # where it downloads from (a metrics label)
+        self.upstream = ""  # where it downloads from (the holder it records; a label)
+        self.expected: int | None = None  # the exact length a descriptor announced
+        self.private: Path | None = None  # its own partial: a fill no one else joins
 
     def notify(self) -> None:
         event, self._progress = self._progress, asyncio.Event()

@@ -1,7 +1,7 @@
 """HTTP routing: the OCI distribution API as clients see it, mapped onto the services.
 
-Each read goes: which upstream and repository (`target`), who asks (`caller_of`), may they
-(`Access.authorize`), then the manifest or blob service.
+Each read goes: which upstream and repository (`target`), who asks (`mirror.identity`), may
+they (`mirror.access`: every cached read asks it), then the manifest or blob service.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator, Mapping
-from urllib.parse import parse_qsl
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -17,26 +16,28 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from mirror import errors
-from mirror.access import ANONYMOUS, Access, Caller, caller_of
+from mirror.access import OUTAGE, Access
 from mirror.auth import (
+    MAX_FORM,
     TokenEndpoint,
     challenge_header,
     credentials_from_form,
     credentials_from_header,
+    read_form,
 )
 from mirror.blobs import BlobService
+from mirror.identity import Caller, Identities
 from mirror.manifests import ManifestInfo, ManifestService, accept_key
+from mirror.metadata import AcceptKey, MetadataError
 from mirror.metrics import Metrics
 from mirror.ranges import parse_range
 from mirror.reference import Digest, check_name, check_reference, parse_digest
 from mirror.settings import DOCKER_HUB
-from mirror.tokens import Credential
 from mirror.upstream import UpstreamClient, upstream_error
 
 log = logging.getLogger("mirror.routes")
 API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
 DOCKER_HUB_HOSTS = {"registry-1.docker.io", "index.docker.io", DOCKER_HUB}
-MAX_FORM = 64 * 1024
 
 
 def error_response(exc: errors.RegistryError) -> Response:
@@ -52,6 +53,7 @@ class Handlers:
         manifests: ManifestService,
         blobs: BlobService,
         access: Access,
+        identities: Identities,
         public_url: str = "",
         metrics: Metrics | None = None,
     ) -> None:
@@ -61,7 +63,8 @@ class Handlers:
         self.manifests = manifests
         self.blobs = blobs
         self.access = access
-        self.tokens = TokenEndpoint(clients)
+        self.identities = identities
+        self.tokens = TokenEndpoint(clients, identities)
         self.public_url = public_url.rstrip("/")
 
     def routes(self) -> list[Route]:
@@ -103,16 +106,16 @@ class Handlers:
                 return client
         raise errors.NameUnknown(f"no upstream is configured for registry {ns[:100]!r}")
 
-    def caller(self, request: Request) -> Caller:
-        return caller_of(request.headers.get("authorization"))
-
-    def credential(self, client: UpstreamClient, caller: Caller) -> Credential | None:
-        """For requests we do not cache: the caller's own, or strictly anonymous access."""
-        if caller.credential is not None:
-            return caller.credential
-        return None if client.upstream.expose_private else ANONYMOUS
+    async def caller(self, request: Request, client: UpstreamClient) -> Caller:
+        """Who asks, with a credential bound to `client`'s upstream (or refused)."""
+        identities = await self.identities.ready()
+        caller = identities.caller(request.headers.get("authorization"), client.name)
+        self.access.check_binding(client, caller)
+        request.state.user = caller.user or ("anonymous" if caller.anonymous else "")
+        return caller
 
     def realm(self, request: Request) -> str:
+        # Behind a proxy `public_url` must be set: the Host header is the client's to forge.
         base = self.public_url or f"{request.url.scheme}://{request.url.netloc}"
         return base + "/token"
 
@@ -143,19 +146,25 @@ class Handlers:
         return await self.on_registry_error(request, error)
 
     async def on_crash(self, request: Request, exc: Exception) -> Response:
-        log.exception("internal error on %s %s", request.method, request.url.path)
+        if isinstance(exc, MetadataError):
+            log.error("metadata store failed on %s %s: %s", request.method,
+                      request.url.path[:200], exc)
+            return await self.on_registry_error(
+                request, errors.Unavailable("the mirror's metadata store is unavailable"))
+        log.exception("internal error on %s %s", request.method, request.url.path[:200])
         return await self.on_registry_error(request, errors.RegistryError("internal error"))
 
     # -- auth ----------------------------------------------------------------------------
 
     async def ping(self, request: Request) -> Response:
+        client = self._client_for(request)
+        request.state.target = (client, "")
         if request.headers.get("authorization"):
+            await self.caller(request, client)  # a bad or foreign credential gets a challenge
             return Response(b"{}", media_type="application/json", headers=API_VERSION)
         # Docker learns how to authenticate only from this answer.
-        client = self._client_for(request)
         if client.upstream.auth_passthrough:
             await client.discover_challenge()
-        request.state.target = (client, "")
         raise errors.Unauthorized("authentication required")
 
     async def token(self, request: Request) -> Response:
@@ -164,10 +173,10 @@ class Handlers:
         scopes = query.getlist("scope")
         service, account = query.get("service"), query.get("account")
         if request.method == "POST":
-            body = await request.body()
-            if len(body) > MAX_FORM:
+            length = request.headers.get("content-length", "")
+            if length.isascii() and length.isdigit() and int(length) > MAX_FORM:
                 raise errors.SizeInvalid("token request form too large")
-            form = dict(parse_qsl(body.decode(errors="replace")))
+            form = await read_form(request.stream())
             basic = credentials_from_form(form) or basic
             scopes = form.get("scope", "").split() or scopes
             service = form.get("service", service)
@@ -178,49 +187,72 @@ class Handlers:
 
     async def manifest(self, request: Request) -> Response:
         client, repo = self.target(request)
-        caller = self.caller(request)
+        caller = await self.caller(request, client)
         reference = check_reference(request.path_params["reference"])
         head = request.method == "HEAD"
+        stale = False
         if isinstance(reference, Digest):
-            await self.access.authorize(
-                client, repo, caller, f"/v2/{repo}/manifests/{reference}", reference)
-            manifest = await self.manifests.get(client, repo, reference, caller.credential)
-            self.access.link_manifest(client.name, repo, reference, manifest.data)
-            return manifest_response(manifest.info, None if head else manifest.data)
-        accept = accept_key(request.headers.getlist("accept"))
-        if self.access.granted(client, repo, caller):
-            info = await self.manifests.resolve(client, repo, reference, accept,
-                                                caller.credential)
+            digest = reference
         else:
-            # Resolving the tag with the caller's own access is what proves that access.
+            accept = accept_key(request.headers.getlist("accept"))
+            info = await self._resolve(client, repo, caller, reference, accept)
+            await self.access.link(client, repo, [str(info.digest)])
+            if head:
+                return manifest_response(info, None, info.stale)
+            digest, stale = info.digest, info.stale
+        decision = await self.access.authorize_digest(client, repo, caller, digest,
+                                                      "manifests")
+        manifest = await self.manifests.get(client, repo, digest, caller.credential,
+                                            cached=decision.cached)
+        await self.access.link_manifest(client, repo, digest, manifest.data,
+                                        manifest.info.media_type)
+        return manifest_response(manifest.info, None if head else manifest.data, stale)
+
+    async def _resolve(self, client: UpstreamClient, repo: str, caller: Caller, tag: str,
+                       accept: AcceptKey) -> ManifestInfo:
+        """A tag's resolution for `caller`: from the caches once its access is proven, else
+        from the upstream asked with its own credential (which is what proves it)."""
+        for _ in range(3):
+            if await self.access.granted(client, repo, caller):
+                try:
+                    return await self.manifests.resolve(client, repo, tag, accept,
+                                                        caller.credential)
+                except (errors.Unauthorized, errors.Denied) as exc:
+                    raise await self.access.refused(client, repo, caller, exc) from None
+            if client.offline:
+                raise self.access.unproven(client, repo, caller)
             try:
-                info = await self.manifests.resolve(
-                    client, repo, reference, accept, caller.credential or ANONYMOUS, proof=True)
+                info = await self.manifests.resolve_fresh(
+                    client, repo, tag, accept, self.access.probe_credential(client, caller),
+                    caller.identity)
             except (errors.ManifestUnknown, errors.NameUnknown):
-                # The upstream checks access before existence: a 404 means it let us look.
-                self.access.grant(client, repo, caller)
+                raise  # a 404 proves nothing: no grant
+            except OUTAGE:
+                if await self.access.granted(client, repo, caller, lasting=True):
+                    return await self.manifests.resolve(client, repo, tag, accept,
+                                                        caller.credential)
                 raise
             except errors.RegistryError as exc:
-                raise self.access.refused(client, repo, caller, exc) from exc
-            self.access.grant(client, repo, caller)
-        if head:
-            self.access.link(client.name, repo, [str(info.digest)])
-            return manifest_response(info, None, info.stale)
-        manifest = await self.manifests.get(client, repo, info.digest, caller.credential)
-        self.access.link_manifest(client.name, repo, info.digest, manifest.data)
-        return manifest_response(manifest.info, manifest.data, info.stale)
+                raise await self.access.refused(client, repo, caller, exc) from None
+            if info is not None:
+                await self.access.proven(client, repo, caller)
+                return info
+            # Another worker asked for this caller just now: its grant is there to use.
+        raise errors.UpstreamError(f"could not resolve {repo}:{tag} on {client.name}")
 
     async def blob(self, request: Request) -> Response:
         client, repo = self.target(request)
-        caller = self.caller(request)
+        caller = await self.caller(request, client)
         digest = parse_digest(request.path_params["digest"])
-        await self.access.authorize(client, repo, caller, f"/v2/{repo}/blobs/{digest}", digest)
+        decision = await self.access.authorize_digest(client, repo, caller, digest, "blobs")
         headers = {**API_VERSION, "Docker-Content-Digest": str(digest), "Accept-Ranges": "bytes",
                    "Content-Type": "application/octet-stream"}
         if request.method == "HEAD":
-            size = await self.blobs.size(client, repo, digest, caller.credential)
+            size = await self.blobs.size(client, repo, digest, caller.credential,
+                                         cached=decision.cached, known=decision.size)
             return Response(b"", headers={**headers, "Content-Length": str(size)})
-        reader = await self.blobs.open(client, repo, digest, caller.credential)
+        reader = await self.blobs.open(client, repo, digest, caller.credential,
+                                       cached=decision.cached, expected=decision.size)
         request.state.cache = "hit" if reader.source == "cache" else "miss"
         status, start, end = 200, 0, reader.size
         if reader.size is not None:
@@ -252,7 +284,7 @@ class Handlers:
 
     async def tags(self, request: Request) -> Response:
         client, repo = self.target(request)
-        credential = self.credential(client, self.caller(request))
+        credential = self.access.probe_credential(client, await self.caller(request, client))
         params = {k: request.query_params[k] for k in ("n", "last") if k in request.query_params}
         response = await client.send("GET", f"/v2/{repo}/tags/list", repo=repo, params=params,
                                      credential=credential)
@@ -271,7 +303,7 @@ class Handlers:
 
     async def referrers(self, request: Request) -> Response:
         client, repo = self.target(request)
-        credential = self.credential(client, self.caller(request))
+        credential = self.access.probe_credential(client, await self.caller(request, client))
         digest = parse_digest(request.path_params["digest"])
         params = {k: v for k, v in request.query_params.items() if k == "artifactType"}
         response = await client.send(

@@ -37,30 +37,28 @@ class PushHandlers:
             Route("/v2/{name:path}/blobs/{digest}", self.delete_blob, methods=["DELETE"]),
         ]
 
-    def _writer(
+    async def _writer(
         self, request: Request, actions: str = "pull,push"
     ) -> tuple[UpstreamClient, str, str, Credential]:
         """Target, the name the client used, and the client's credential (required)."""
         request.state.actions = actions
         client, repo = self.reads.target(request)
-        credential = self.reads.caller(request).credential
+        credential = (await self.reads.caller(request, client)).credential
         if credential is None:
             raise errors.Unauthorized(f"pushing to {client.name} needs credentials")
         return client, repo, request.path_params["name"], credential
 
     async def start(self, request: Request) -> Response:
-        client, repo, name, credential = self._writer(request)
+        client, repo, name, credential = await self._writer(request)
         query = dict(request.query_params)
         if "from" in query:
             query["from"] = check_name(client.upstream.repository(query["from"]))
         result = await self.uploads.start(client, repo, name, credential, query,
                                           request.stream(), content_length(request))
-        if result.status == 201:
-            self.access.link(client.name, repo, [result.headers["Docker-Content-Digest"]])
-        return answer(result)
+        return answer(result)  # a push links nothing (see `mirror.access`)
 
     async def session(self, request: Request) -> Response:
-        client, repo, name, credential = self._writer(request)
+        client, repo, name, credential = await self._writer(request)
         session = await self.uploads.get(client, request.path_params["session"], repo,
                                          credential)
         length = content_length(request)
@@ -72,7 +70,6 @@ class PushHandlers:
             digest = parse_digest(request.query_params.get("digest", ""))
             result = await self.uploads.finish(client, session, name, credential, digest,
                                                request.stream(), length)
-            self.access.link(client.name, repo, [str(digest)])
         elif request.method == "GET":
             result = await self.uploads.status(client, session, name, credential)
         else:
@@ -81,7 +78,7 @@ class PushHandlers:
 
     async def manifest(self, request: Request) -> Response:
         actions = "pull,push" if request.method == "PUT" else "pull,delete"
-        client, repo, name, credential = self._writer(request, actions)
+        client, repo, name, credential = await self._writer(request, actions)
         reference = check_reference(request.path_params["reference"])
         path = f"/v2/{repo}/manifests/{reference}"
         if request.method == "DELETE":
@@ -90,7 +87,9 @@ class PushHandlers:
             if response.status_code not in (200, 202):
                 raise upstream_error(response, client.name, errors.ManifestUnknown,
                                      f"manifest {repo}@{reference}", response.content)
-            self.manifests.deleted(client.name, repo, reference)
+            await self.manifests.deleted(client.name, repo, reference)
+            if isinstance(reference, Digest):  # only this repository's link goes
+                await self.access.unlink(client, repo, str(reference))
             return Response(status_code=202, headers=API_VERSION)
         length = content_length(request)
         if length is not None and length > MAX_MANIFEST:
@@ -107,22 +106,21 @@ class PushHandlers:
             raise upstream_error(response, client.name, errors.ManifestUnknown,
                                  f"manifest {repo}:{reference}", response.content)
         tag = None if isinstance(reference, Digest) else reference
-        info = self.manifests.pushed(client.name, repo, data, media_type, tag)
-        self.access.link_manifest(client.name, repo, info.digest, data)
+        info = await self.manifests.pushed(client.name, repo, data, media_type, tag)
         return Response(status_code=201, headers={
             **API_VERSION, "Location": f"/v2/{name}/manifests/{info.digest}",
             "Docker-Content-Digest": str(info.digest)})
 
     async def delete_blob(self, request: Request) -> Response:
-        client, repo, _, credential = self._writer(request, "pull,delete")
+        client, repo, _, credential = await self._writer(request, "pull,delete")
         digest = parse_digest(request.path_params["digest"])
         response = await client.send("DELETE", f"/v2/{repo}/blobs/{digest}", repo=repo,
                                      credential=credential, actions="pull,delete")
         if response.status_code not in (200, 202):
             raise upstream_error(response, client.name, errors.BlobUnknown, f"blob {digest}",
                                  response.content)
-        self.access.unlink(client.name, repo, str(digest))
-        self.reads.blobs.store.remove(digest)
+        # Only this repository's link goes: the content may be another's too.
+        await self.access.unlink(client, repo, str(digest))
         return Response(status_code=202, headers=API_VERSION)
 
 

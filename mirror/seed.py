@@ -3,7 +3,9 @@
 Manifests go through `ManifestService` and blobs through `BlobService` (so through `Fills`,
 whose locks are shared with any server running on the same cache: a blob being fetched by
 both is fetched once). Each image's tag is recorded, its repository linked to everything it
-holds, and all of it pinned unless asked not to.
+holds, and all of it pinned unless asked not to. Seeding uses the mirror's own account; a
+repository that an anonymous probe finds public gets an anonymous grant (which counts
+offline), others stay readable only by callers who prove their access.
 """
 
 from __future__ import annotations
@@ -14,8 +16,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from mirror import errors, oci
+from mirror.access import MANIFEST_ACCEPT
+from mirror.identity import ANONYMOUS_CALLER
 from mirror.imageref import ImageRef
-from mirror.manifests import MANIFEST_TYPES, accept_key
+from mirror.manifests import MANIFEST_TYPES, ManifestInfo, accept_key
+from mirror.metadata import RefRecord
 from mirror.oci import Descriptor, Platform
 from mirror.progress import Progress, Task, human_bytes, human_duration
 from mirror.reference import parse_digest
@@ -85,37 +90,58 @@ class Seeder:
             root_digest = parse_digest(ref.digest)
         else:
             assert ref.tag is not None
-            info = await services.manifests.resolve(client, ref.repo, ref.tag, SEED_ACCEPT)
+            info = await services.manifests.resolve_fresh(
+                client, ref.repo, ref.tag, SEED_ACCEPT, None, "seed") \
+                or await services.manifests.resolve(client, ref.repo, ref.tag, SEED_ACCEPT)
             root_digest = info.digest
         manifests: dict[str, str] = {}
         layers: dict[str, int] = {}
         root = await self._manifest(client, ref.repo, Descriptor("", str(root_digest), -1),
                                     manifests, layers, outcome)
         outcome.digest = str(root_digest)
-        missing = {d: s for d, s in layers.items() if not services.store.has(parse_digest(d))}
+        missing = {d: s for d, s in layers.items()
+                   if await services.store.committed_size(parse_digest(d)) is None
+                   or not await services.metadata.holds(client.name, d)}
         outcome.blobs = len(layers)
         outcome.cached = sum(max(s, 0) for d, s in layers.items() if d not in missing)
         task.set_total(sum(max(s, 0) for s in missing.values()))
         await asyncio.gather(*(self._blob(client, ref.repo, d, task, outcome) for d in missing))
 
-        index = services.store.index
+        metadata = services.metadata
         media_type, size = manifests[str(root_digest)], root.size
         if ref.tag is not None:
-            index.set_tag(ref.upstream, ref.repo, ref.tag, None, str(root_digest), media_type,
-                          size)
+            await services.manifests.record(
+                client, ref.repo, ref.tag, None, ManifestInfo(root_digest, media_type, size))
         if ref.digest is not None:
-            index.add_ref(ref.upstream, ref.repo, str(root_digest), media_type, size)
+            await metadata.add_ref(RefRecord(ref.upstream, ref.repo, str(root_digest),
+                                             media_type, size))
         outcome.digests = [*manifests, *layers]
-        index.link(ref.upstream, ref.repo, outcome.digests)
+        await metadata.link(ref.upstream, ref.repo, outcome.digests)
         if self.pin:
-            index.pin(outcome.digests)
+            await metadata.pin(str(ref), outcome.digests)
+        await self._probe_public(client, ref.repo, str(root_digest))
+
+    async def _probe_public(self, client: UpstreamClient, repo: str, digest: str) -> None:
+        """An anonymous grant for what anyone may read (see `mirror.access`, rule 3)."""
+        access = self.services.access
+        try:
+            response = await client.send(
+                "HEAD", f"/v2/{repo}/manifests/{digest}", repo=repo,
+                headers={"Accept": MANIFEST_ACCEPT},
+                credential=access.probe_credential(client, ANONYMOUS_CALLER))
+        except errors.RegistryError:
+            return
+        if response.status_code == 200:
+            await access.proven(client, repo, ANONYMOUS_CALLER)
 
     async def _manifest(
         self, client: UpstreamClient, repo: str, desc: Descriptor,
         manifests: dict[str, str], layers: dict[str, int], outcome: Outcome, depth: int = 0,
     ) -> Descriptor:
         """Fetch `desc` and, for an index, the children we keep; collect their blobs."""
-        manifest = await self.services.manifests.get(client, repo, parse_digest(desc.digest))
+        digest = parse_digest(desc.digest)
+        manifest = await self.services.manifests.get(
+            client, repo, digest, cached=await self.services.access.holds(client, digest))
         doc = oci.load(manifest.data)
         manifests[desc.digest] = manifest.info.media_type
         if not oci.is_index(doc, manifest.info.media_type):
@@ -147,7 +173,9 @@ class Seeder:
         self, client: UpstreamClient, repo: str, digest: str, task: Task, outcome: Outcome
     ) -> None:
         async with self._blobs:
-            reader = await self.services.blobs.open(client, repo, parse_digest(digest))
+            parsed = parse_digest(digest)
+            reader = await self.services.blobs.open(
+                client, repo, parsed, cached=await self.services.access.holds(client, parsed))
             # Reading to the end returns only once the fill is verified and committed.
             async for chunk in reader.chunks(0, None):
                 outcome.fetched += len(chunk)

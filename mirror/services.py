@@ -5,9 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mirror import metadata as metadata_module
+from mirror.access import Access
 from mirror.blobs import BlobService
 from mirror.fills import Fills
+from mirror.identity import Identities
 from mirror.manifests import ManifestService
+from mirror.metadata import Metadata
 from mirror.metrics import Metrics
 from mirror.settings import Settings
 from mirror.store import Store
@@ -17,21 +21,28 @@ from mirror.upstream import UpstreamClient
 @dataclass
 class Services:
     settings: Settings
+    metadata: Metadata
     store: Store
     clients: dict[str, UpstreamClient]
     fills: Fills
     manifests: ManifestService
     blobs: BlobService
+    access: Access
+    identities: Identities
 
     async def aclose(self) -> None:
         await self.fills.aclose()
         for client in self.clients.values():
             await client.aclose()
-        self.store.close()
+        await self.store.close()
+        await self.metadata.close()
 
 
 def build(settings: Settings, metrics: Metrics | None = None) -> Services:
-    store = Store(settings.cache_dir)
+    metadata = metadata_module.create(settings.cache_dir, settings.redis_url)
+    if isinstance(metadata, metadata_module.SqliteMetadata):
+        metadata.open_sync()  # migrations run here, before any request
+    store = Store(settings.cache_dir, metadata)
     clients = {u.name: UpstreamClient(u, settings, metrics) for u in settings.upstreams}
 
     def tag_ttl(client: UpstreamClient) -> float:
@@ -39,6 +50,13 @@ def build(settings: Settings, metrics: Metrics | None = None) -> Services:
         return settings.tag_ttl if ttl is None else ttl
 
     fills = Fills(store, wait_timeout=settings.connect_timeout + settings.read_timeout,
-                  metrics=metrics)
-    manifests = ManifestService(store, tag_ttl, settings.negative_ttl, metrics)
-    return Services(settings, store, clients, fills, manifests, BlobService(store, fills))
+                  metrics=metrics, max_size=settings.max_layer_size,
+                  deadline=settings.upstream_deadline)
+    manifests = ManifestService(
+        store, metadata, tag_ttl, settings.negative_ttl, metrics,
+        tag_entries=settings.tag_cache_entries,
+        negative_entries=settings.negative_cache_entries,
+        hot_bytes=settings.manifest_cache_bytes)
+    access = Access(metadata, settings.access_ttl, memo=settings.link_cache_entries)
+    return Services(settings, metadata, store, clients, fills, manifests,
+                    BlobService(store, fills), access, Identities(metadata.secret))

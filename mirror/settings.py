@@ -45,6 +45,10 @@ class Upstream:
     # Timeouts for this upstream only (seconds); None: the global ones.
     connect_timeout: float | None = None
     read_timeout: float | None = None
+    # Whether clients' own credentials are exchanged at this upstream's realm. None: only
+    # for the default (first) upstream, so a user's password never reaches an upstream the
+    # operator did not choose to trust with it.
+    client_credentials: bool | None = None
 
     @property
     def host(self) -> str:
@@ -82,6 +86,28 @@ class Settings:
     access_log: str = "plain"
     # Serve /metrics on this HOST:PORT instead of the main address ("": the main address).
     metrics_listen: str = ""
+    # How long a caller's proven access to a repository is trusted (seconds).
+    access_ttl: float = 60.0
+    # Seconds a whole upstream request may take, body included (a blob download too).
+    upstream_deadline: float = 3600.0
+    # Bytes per second the background scrub re-hashes cached content at (0: off).
+    scrub_rate: int = 10 * 2**20
+    # Metadata shared by replicas ("": SQLite in the cache directory).
+    redis_url: str = ""
+    # Bounds of the per-process memory caches.
+    tag_cache_entries: int = 100_000
+    negative_cache_entries: int = 10_000
+    manifest_cache_bytes: int = 64 * 2**20
+    token_cache_entries: int = 10_000
+    link_cache_entries: int = 100_000
+
+    def __post_init__(self) -> None:
+        # Client credentials go to the default upstream unless an upstream says otherwise.
+        upstreams = tuple(
+            u if u.client_credentials is not None
+            else dataclasses.replace(u, client_credentials=i == 0)
+            for i, u in enumerate(self.upstreams))
+        object.__setattr__(self, "upstreams", upstreams)
 
     @property
     def default_upstream(self) -> Upstream:
@@ -167,7 +193,7 @@ def _positive(name: str, value: Any) -> float:
     return number
 
 
-def _workers(name: str, value: Any) -> int:
+def _at_least_one(name: str, value: Any) -> int:
     try:
         number = int(value)
     except (TypeError, ValueError):
@@ -234,7 +260,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "cache_dir": lambda _n, v: Path(str(v)).expanduser(),
     "tag_ttl": _positive,
     "negative_ttl": _positive,
-    "workers": _workers,
+    "workers": _at_least_one,
     "connect_timeout": _positive,
     "read_timeout": _positive,
     "log_level": _level,
@@ -245,7 +271,23 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "access_log": lambda n, v: _choice(n, v, ("plain", "json", "off")),
     "metrics_listen": lambda n, v: _listen(n, v) if v else "",
     "max_layer_size": _size,
+    "access_ttl": _positive,
+    "upstream_deadline": _positive,
+    "scrub_rate": _size,
+    "redis_url": lambda n, v: _redis_url(n, v),
+    "tag_cache_entries": _at_least_one,
+    "negative_cache_entries": _at_least_one,
+    "manifest_cache_bytes": _size,
+    "token_cache_entries": _at_least_one,
+    "link_cache_entries": _at_least_one,
 }
+
+
+def _redis_url(name: str, value: Any) -> str:
+    text = str(value or "")
+    if text and urlsplit(text).scheme not in ("redis", "rediss", "unix"):
+        raise SettingsError(f"{name}: expected redis://HOST:PORT[/DB], got {text!r}")
+    return text
 
 
 def load(flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> Settings:

@@ -7,10 +7,11 @@ digest, so no client input ever becomes a path):
     tmp/<alg>-<hex>.part          a fill in progress (only its lock holder writes it)
     tmp/<alg>-<hex>.size          the expected length of that fill, once upstream told us
     locks/<alg>-<hex>.lock        flock(2) held by the one process filling that digest
-    index/                        metadata (`mirror.index`): media types, tags, links, pins
+    metadata.db                   metadata (`mirror.metadata`): tags, content, access facts
 
 A `.part` becomes the committed file by rename(2): the same inode, so readers that opened
-the partial keep reading the very bytes that were verified.
+the partial keep reading the very bytes that were verified. Every committed file has a
+content record (its verified size, last use and holders); reads check the file against it.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from mirror.index import Index
+from mirror.metadata import Metadata
 from mirror.recency import Recency
 from mirror.reference import ALGORITHMS, Digest
 
@@ -49,20 +50,20 @@ class Entry:
 
 
 class Store:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, metadata: Metadata) -> None:
         self.root = root
         self.blobs = root / "blobs"
         self.tmp = root / "tmp"
         self.locks = root / "locks"
         for path in (self.blobs, self.tmp, self.locks):
             path.mkdir(parents=True, exist_ok=True)
-        self.index = Index(root / "index")
-        self.recency = Recency(self.index)  # hits are recorded here (batched), for eviction
+        self.metadata = metadata
+        self.recency = Recency(metadata)  # hits are recorded here (batched), for eviction
         self.on_commit: Callable[[int], None] | None = None  # bytes committed (the evictor)
+        self.on_damage: Callable[[Digest], None] | None = None  # a damaged file found
 
-    def close(self) -> None:
-        self.recency.flush()
-        self.index.close()
+    async def close(self) -> None:
+        await self.recency.flush()
 
     # -- paths ---------------------------------------------------------------------------
 
@@ -81,6 +82,7 @@ class Store:
     # -- committed content ---------------------------------------------------------------
 
     def size(self, digest: Digest) -> int | None:
+        """The length of the file, unchecked (tools and tests; reads use `open`)."""
         try:
             return os.stat(self.path(digest)).st_size
         except FileNotFoundError:
@@ -89,24 +91,82 @@ class Store:
     def has(self, digest: Digest) -> bool:
         return self.size(digest) is not None
 
-    def read(self, digest: Digest) -> bytes | None:
+    def read_file(self, digest: Digest) -> bytes | None:
+        """The file's bytes, unchecked (tools that verify what they read themselves)."""
         try:
             return self.path(digest).read_bytes()
         except FileNotFoundError:
             return None
 
-    def commit(self, digest: Digest, partial: Path) -> Path:
-        """Move a verified partial into place (atomic; the partial's inode is kept)."""
+    async def open(self, digest: Digest) -> tuple[int, int] | None:
+        """(descriptor, size) of committed content whose file matches its record.
+
+        A file whose length differs from what was verified at commit is damaged (truncated,
+        emptied): it is removed and reads as a miss, so the next fill fetches it again. A
+        file without a record reads as a miss too (a fill then records it).
+        """
+        record = await self.metadata.content(str(digest))
+        if record is None:
+            return None
+        try:
+            fd = os.open(self.path(digest), os.O_RDONLY)
+        except FileNotFoundError:
+            await self.metadata.drop_content([str(digest)])  # removed behind our back
+            return None
+        size = os.fstat(fd).st_size
+        if size != record.size:
+            os.close(fd)
+            await self.damaged(digest, f"{size} bytes on disk, {record.size} verified")
+            return None
+        return fd, size
+
+    async def committed_size(self, digest: Digest) -> int | None:
+        """The size of committed content that checks out (see `open`), else None."""
+        opened = await self.open(digest)
+        if opened is None:
+            return None
+        os.close(opened[0])
+        return opened[1]
+
+    async def read(self, digest: Digest) -> bytes | None:
+        """Small committed content (manifests), checked like `open`."""
+        opened = await self.open(digest)
+        if opened is None:
+            return None
+        fd, size = opened
+        try:
+            data = os.pread(fd, size, 0)
+        finally:
+            os.close(fd)
+        if len(data) != size:
+            await self.damaged(digest, "short read")
+            return None
+        return data
+
+    async def damaged(self, digest: Digest, why: str) -> None:
+        log.warning("damaged cache entry %s (%s): removed; it will be fetched again",
+                    digest, why)
+        if self.on_damage is not None:
+            self.on_damage(digest)
+        await self.remove(digest)
+
+    async def commit(self, digest: Digest, partial: Path, holder: str | None) -> Path:
+        """Move a verified partial into place (atomic; the partial's inode is kept).
+
+        The record goes first: a reader that finds the file then always finds its record.
+        `holder`: the upstream that delivered the bytes (see `mirror.access`).
+        """
         final = self.path(digest)
         final.parent.mkdir(parents=True, exist_ok=True)
         size = os.stat(partial).st_size
+        new = await self.metadata.add_content(str(digest), size, holder, time.time())
         os.rename(partial, final)
         self.recency.touch(digest)
-        if self.on_commit is not None:
+        if new and self.on_commit is not None:
             self.on_commit(size)
         return final
 
-    def write(self, digest: Digest, data: bytes) -> bool:
+    async def write(self, digest: Digest, data: bytes, holder: str | None) -> bool:
         """Store small verified content (manifests) through a private partial.
 
         On a full disk the content is not cached (False): the caller still has it to serve.
@@ -120,12 +180,15 @@ class Store:
                 raise
             log.warning("cache disk full: %s not cached", digest)
             return False
-        self.commit(digest, tmp)
+        await self.commit(digest, tmp, holder)
         return True
 
-    def remove(self, digest: Digest) -> None:
+    async def remove(self, digest: Digest) -> None:
+        """Remove content: the file, then its record (a reader with the file open keeps
+        reading it whole)."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path(digest))
+        await self.metadata.drop_content([str(digest)])
 
     def entries(self) -> Iterator[Entry]:
         """Every file under blobs/, as the walk finds it (files may come and go meanwhile).

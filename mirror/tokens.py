@@ -6,10 +6,12 @@ token; tokens are cached per (realm, service, scope, account) until shortly befo
 
 from __future__ import annotations
 
+import hashlib
 import re
 import time
 from dataclasses import dataclass
 
+import cachetools
 import httpx
 
 from mirror.errors import Unauthorized, UpstreamError, UpstreamTimeout
@@ -70,12 +72,15 @@ class TokenCache:
     """Fetches and caches tokens; one fetch at a time per key in this process."""
 
     def __init__(
-        self, client: httpx.AsyncClient, upstream_name: str, metrics: Metrics | None = None
+        self, client: httpx.AsyncClient, upstream_name: str, metrics: Metrics | None = None,
+        entries: int = 10_000,
     ) -> None:
         self._client = client
         self._name = upstream_name
         self._metrics = metrics
-        self._tokens: dict[tuple[str, ...], tuple[str, float]] = {}  # key -> (token, deadline)
+        # key -> (token, deadline); bounded: each distinct scope (repository) adds one.
+        self._tokens: cachetools.LRUCache[tuple[str, ...], tuple[str, float]] = (
+            cachetools.LRUCache(entries))
         self._flight = SingleFlight()
         self.fetched = 0  # tokens fetched, for tests and debugging
 
@@ -112,7 +117,9 @@ class TokenCache:
 
     def _key(self, challenge: Challenge, scope: str, auth: object) -> tuple[str, ...]:
         account = getattr(auth, "_auth_header", "") if auth else ""
-        return (challenge.realm, challenge.service, scope, str(account))
+        # Keyed by a hash: the cache holds no password.
+        digest = hashlib.sha256(str(account).encode()).hexdigest() if account else ""
+        return (challenge.realm, challenge.service, scope, digest)
 
     async def _fetch(
         self, challenge: Challenge, scope: str, auth: httpx.BasicAuth | None,

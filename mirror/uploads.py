@@ -225,7 +225,7 @@ class Uploads:
         self.sessions.delete(session.id)
         self._credentials.pop(session.id, None)
         self._count("ok")
-        await self.kept.keep(session.id, digest)
+        await self.kept.keep(session.id, digest, client.name)
         return Forwarded(201, {"Location": f"/v2/{name}/blobs/{digest}",
                                "Docker-Content-Digest": str(digest), "Content-Length": "0"})
 

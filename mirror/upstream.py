@@ -7,6 +7,7 @@ error answers into `RegistryError`s that name the upstream.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -35,22 +36,12 @@ class _Answer(Protocol):
     def status_code(self) -> int: ...
     @property
     def headers(self) -> Mapping[str, str]: ...
+    @property
+    def url(self) -> object: ...  # where the answer came from (after redirects)
     async def aclose(self) -> None: ...
 
 
 _R = TypeVar("_R", bound=_Answer)
-# httpcore reads sockets 64 KiB at a time and parses each piece in Python: for multi-GB
-# layers that caps a download near 400 MB/s here. 1 MiB reads double it.
-READ_SIZE = 1 << 20
-
-
-def _widen_reads() -> None:
-    try:
-        from httpcore._async.http11 import AsyncHTTP11Connection
-    except ImportError:  # pragma: no cover - a future httpcore: keep its own read size
-        return
-    if getattr(AsyncHTTP11Connection, "READ_NUM_BYTES", READ_SIZE) < READ_SIZE:
-        AsyncHTTP11Connection.READ_NUM_BYTES = READ_SIZE
 
 
 class UpstreamClient:
@@ -59,8 +50,8 @@ class UpstreamClient:
     ) -> None:
         self.upstream = upstream
         self.metrics = metrics
-        _widen_reads()
         self.name = upstream.name
+        self.origin = _origin(upstream.url)
         self.offline = settings.offline
         connect = upstream.connect_timeout or settings.connect_timeout
         read = upstream.read_timeout or settings.read_timeout
@@ -68,8 +59,10 @@ class UpstreamClient:
         self.http = httpx.AsyncClient(
             timeout=timeout, follow_redirects=False, trust_env=False,
             limits=httpx.Limits(max_connections=200, max_keepalive_connections=50))
-        self.tokens = TokenCache(self.http, upstream.name, metrics)
+        self.tokens = TokenCache(self.http, upstream.name, metrics,
+                                 entries=settings.token_cache_entries)
         self.downloads = Downloader(upstream.name, connect, read)
+        self.deadline = settings.upstream_deadline  # a whole request (body too) ends by it
         self.basic = (httpx.BasicAuth(upstream.username, upstream.password or "")
                       if upstream.username else None)
         # Learnt from the first 401: lets later requests carry a token at once.
@@ -110,7 +103,14 @@ class UpstreamClient:
             return await self._send_following(
                 method, url, request_headers, params, stream, content)
 
-        return await self._authenticated(attempt, headers, scope, credential, once)
+        if stream or once:  # the caller reads the body (and bounds it) / uploads pace it
+            return await self._authenticated(attempt, headers, scope, credential, once)
+        try:
+            async with asyncio.timeout(self.deadline):
+                return await self._authenticated(attempt, headers, scope, credential, once)
+        except TimeoutError:
+            raise errors.UpstreamTimeout(
+                f"upstream {self.name} did not answer within {self.deadline:g} s") from None
 
     async def get_blob(
         self, path: str, *, repo: str, headers: dict[str, str],
@@ -162,6 +162,10 @@ class UpstreamClient:
             if (response.status_code != 401 or tried or once
                     or (credential and credential.bearer)):
                 return response
+            if _origin(str(response.url)) != self.origin:
+                # A redirect target (a CDN) answered: its challenge is not our upstream's,
+                # and its realm must never receive our users' credentials.
+                return response
             challenge = parse_challenge(response.headers.get("www-authenticate", ""))
             if challenge is None or challenge.scheme not in ("Bearer", "Basic"):
                 return response
@@ -191,7 +195,7 @@ class UpstreamClient:
         if self.challenge is None and not self.offline:
             response = await self._send_following("GET", self.upstream.url + "/v2/", {}, None,
                                                   False)
-            if response.status_code == 401:
+            if response.status_code == 401 and _origin(str(response.url)) == self.origin:
                 found = parse_challenge(response.headers.get("www-authenticate", ""))
                 if found and found.scheme in ("Bearer", "Basic"):
                     self.challenge = Challenge(found.scheme, found.realm, found.service)
@@ -244,6 +248,11 @@ class UpstreamClient:
             self.metrics.upstream_requests.labels(self.name, status).inc()
             self.metrics.upstream_seconds.labels(self.name).observe(
                 time.perf_counter() - started)
+
+
+def _origin(url: str) -> tuple[str, str]:
+    parts = urlsplit(url)
+    return parts.scheme, parts.netloc
 
 
 def upstream_error(

@@ -31,8 +31,9 @@ class WriteThrough:
         with contextlib.suppress(FileNotFoundError):
             self.partial(session_id).unlink()
 
-    async def keep(self, session_id: str, digest: Digest) -> None:
-        """Commit what streamed through if it is exactly the blob the upstream accepted."""
+    async def keep(self, session_id: str, digest: Digest, holder: str) -> None:
+        """Commit what streamed through if it is exactly the blob the upstream (`holder`)
+        accepted."""
         partial = self.partial(session_id)
         state = self._hashers.pop(session_id, None)
         try:
@@ -43,10 +44,12 @@ class WriteThrough:
             actual = state[1].hexdigest()
         else:  # chunks went through several workers: hash the file itself
             actual = await asyncio.to_thread(_hash_file, partial, digest.algorithm)
-        if actual == digest.hex and not self.store.has(digest):
-            self.store.commit(digest, partial)
+        if actual == digest.hex and await self.store.committed_size(digest) is None:
+            await self.store.commit(digest, partial, holder)
         else:
             partial.unlink(missing_ok=True)
+            if actual == digest.hex:  # cached already: the upstream holds it now too
+                await self.store.metadata.add_holder(str(digest), holder)
 
 
 class Tee:

@@ -1,0 +1,31 @@
+"""Metadata: the interface (`Metadata`) and its implementations, chosen from settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mirror.metadata.base import (
+    PAGE,
+    AcceptKey,
+    ContentRecord,
+    Grant,
+    Metadata,
+    MetadataError,
+    MetadataUnavailable,
+    RefRecord,
+    TagRecord,
+)
+from mirror.metadata.sqlite import SqliteMetadata, database_path
+
+__all__ = [
+    "PAGE", "AcceptKey", "ContentRecord", "Grant", "Metadata", "MetadataError",
+    "MetadataUnavailable", "RefRecord", "SqliteMetadata", "TagRecord", "create",
+]
+
+
+def create(cache_dir: Path, redis_url: str = "") -> Metadata:
+    """The metadata store settings ask for: Redis when a URL is given, else SQLite in the
+    cache directory (importing a previous release's index there once)."""
+    if redis_url:
+        raise MetadataError("a Redis metadata store is not available in this build")
+    return SqliteMetadata(database_path(cache_dir), legacy_root=cache_dir)
