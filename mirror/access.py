@@ -169,12 +169,11 @@ class Access:
         return exc
 
     def unproven(self, client: UpstreamClient, repo: str, caller: Caller) -> errors.RegistryError:
-        """No grant and no upstream to ask (offline)."""
-        if caller.anonymous:
-            return errors.Unauthorized(
-                f"offline: repository {repo} of {client.name} is not known to be public")
-        return errors.Denied(
-            f"offline: no earlier proof that this caller may read {repo} of {client.name}")
+        """No grant and no upstream to ask (offline). One answer whether the content is not
+        cached or not known readable by this caller: it tells nothing about either."""
+        return errors.Unavailable(
+            f"offline mode: {repo} of upstream {client.name} is not available from the cache "
+            "to this caller (not cached, or not proven readable before)")
 
     # -- links (rule 2) --------------------------------------------------------------------
 

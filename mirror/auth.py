@@ -68,7 +68,7 @@ class TokenEndpoint:
         client = self.clients.get(service or "", self.default)
         if basic is None:
             return self._answer(ANONYMOUS_TOKEN, ANONYMOUS_LIFETIME)
-        if not client.upstream.client_credentials:
+        if not client.client_credentials:
             raise errors.Unauthorized(
                 f"upstream {client.name} does not take client credentials through this "
                 "mirror; pull anonymously")

@@ -72,6 +72,7 @@ async def evict_once(store: Store, budget: int, grace: float = GRACE,
     if not await metadata.acquire("evict", owner, LEASE):
         return None
     try:
+        await store.recency.flush()  # this process's hits count in the order
         total, entries = await metadata.totals()
         if total <= budget:
             return Pass(total, entries, 0, 0, False)
@@ -82,8 +83,8 @@ async def evict_once(store: Store, budget: int, grace: float = GRACE,
             if total <= target:
                 break
             pending = store.recency.pending.get(record.digest)
-            if pending is not None and now - pending < grace:
-                continue  # used here in the last moments: not yet in the store's record
+            if pending is not None and now - pending < max(grace, 1.0):
+                continue  # used here since the flush: in use
             with contextlib.suppress(Exception):
                 await store.remove(parse_digest(record.digest))
                 removed += 1

@@ -124,6 +124,8 @@ class Seeder:
     async def _probe_public(self, client: UpstreamClient, repo: str, digest: str) -> None:
         """An anonymous grant for what anyone may read (see `mirror.access`, rule 3)."""
         access = self.services.access
+        if await self.services.metadata.granted(client.name, repo, ANONYMOUS_CALLER.identity):
+            return
         try:
             response = await client.send(
                 "HEAD", f"/v2/{repo}/manifests/{digest}", repo=repo,

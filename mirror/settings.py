@@ -101,14 +101,6 @@ class Settings:
     token_cache_entries: int = 10_000
     link_cache_entries: int = 100_000
 
-    def __post_init__(self) -> None:
-        # Client credentials go to the default upstream unless an upstream says otherwise.
-        upstreams = tuple(
-            u if u.client_credentials is not None
-            else dataclasses.replace(u, client_credentials=i == 0)
-            for i, u in enumerate(self.upstreams))
-        object.__setattr__(self, "upstreams", upstreams)
-
     @property
     def default_upstream(self) -> Upstream:
         return self.upstreams[0]

@@ -52,6 +52,10 @@ class UpstreamClient:
         self.metrics = metrics
         self.name = upstream.name
         self.origin = _origin(upstream.url)
+        # Clients' own credentials go to the default upstream unless an upstream says.
+        self.client_credentials = (upstream.client_credentials
+                                   if upstream.client_credentials is not None
+                                   else upstream == settings.default_upstream)
         self.offline = settings.offline
         connect = upstream.connect_timeout or settings.connect_timeout
         read = upstream.read_timeout or settings.read_timeout

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import httpx
 from conftest import StartMirror
+from support import meta
 from support.fake_upstream import FakeUpstream
 from support.procs import REPO_ROOT, MirrorProc, clean_env
 from support.registry import Upstream
 
-from mirror.index import Index
 from mirror.progress import human_bytes
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -122,9 +122,7 @@ def test_gc_removes_what_nothing_uses_and_leftovers_but_nothing_in_use(
         cache = mirror.cache_dir
         pull(mirror, "a", a_blobs)
         pull(mirror, "a", [orphan, pinned])  # by digest only: no tag names them
-        index = Index(cache / "index")
-        index.pin([pinned])
-        index.close()
+        meta.run(lambda m: m.pin("test", [pinned]), cache)
         # Leftovers of a killed fill, an idle lock, and a push's upload in progress.
         dead = "sha256-" + "ab" * 32
         (cache / "tmp" / f"{dead}.part").write_bytes(b"half")

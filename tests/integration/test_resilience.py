@@ -20,13 +20,12 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import StartMirror
+from support import meta
 from support.fake_upstream import FakeUpstream
 from support.faultproxy import FaultProxy
 from support.images import ImageInfo
 from support.procs import REPO_ROOT, clean_env
 from support.registry import Upstream
-
-from mirror.index import Index
 
 ACCEPT = ", ".join([
     "application/vnd.oci.image.index.v1+json", "application/vnd.oci.image.manifest.v1+json",
@@ -108,9 +107,7 @@ def test_least_recently_used_content_is_evicted_past_the_budget_but_never_pinned
             assert all(blob_path(cache, blobs[i]).exists() for i in (0, 2, 3, 4))
 
             # Pinned content stays whatever its age.
-            index = Index(cache / "index")
-            index.pin([blobs[2]])
-            index.close()
+            meta.run(lambda m: m.pin("test", [blobs[2]]), cache)
             time.sleep(2.2)
             for i in (5, 6):
                 get(i)
@@ -157,13 +154,9 @@ def test_hits_are_recorded_at_shutdown_for_the_next_run(
     with httpx.Client(base_url=mirror.url) as client:
         pull(client, image)
     mirror.stop()  # SIGTERM: the lifespan's shutdown flushes the pending batch
-    index = Index(mirror.cache_dir / "index")
-    try:
-        for digest, _ in image.blobs:
-            used = index.last_used(digest)
-            assert used is not None and time.time() - used < 60
-    finally:
-        index.close()
+    for digest, _ in image.blobs:
+        record = meta.run(lambda m, d=digest: m.content(d), mirror.cache_dir)
+        assert record is not None and time.time() - record.used < 60
 
 
 # -- a full disk ---------------------------------------------------------------------------

@@ -3,17 +3,21 @@ they share, and the progress display."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import io
 import json
 import tarfile
-from collections.abc import Iterator
+import time
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
 from mirror import exporter, importer, layout, oci
+from mirror.metadata import RefRecord, SqliteMetadata, TagRecord, database_path
 from mirror.progress import Progress, human_bytes, human_duration
 from mirror.reference import parse_digest
 from mirror.settings import Upstream
@@ -22,6 +26,21 @@ from mirror.store import Store
 UPSTREAMS = [Upstream("docker.io", "http://127.0.0.1:9", library_prefix=True)]
 CONFIG = "application/vnd.oci.image.config.v1+json"
 LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
+T = TypeVar("T")
+
+
+def run(work: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(work)
+
+
+@contextlib.contextmanager
+def new_store(root: Path) -> Iterator[Store]:
+    metadata = SqliteMetadata(database_path(root))
+    metadata.open_sync()
+    try:
+        yield Store(root, metadata)
+    finally:
+        metadata.close_sync()
 
 
 def digest_of(data: bytes) -> str:
@@ -36,7 +55,7 @@ class Builder:
 
     def blob(self, data: bytes) -> dict[str, Any]:
         digest = digest_of(data)
-        self.store.write(parse_digest(digest), data)
+        run(self.store.write(parse_digest(digest), data, "docker.io"))
         return {"digest": digest, "size": len(data)}
 
     def manifest(self, doc: dict[str, Any], media_type: str, store: bool = True) -> dict[str, Any]:
@@ -44,7 +63,8 @@ class Builder:
         desc = {"mediaType": media_type, "digest": digest_of(data), "size": len(data)}
         if store:
             self.blob(data)
-            self.store.index.set_media_type(desc["digest"], media_type)
+            run(self.store.metadata.add_manifest(desc["digest"], media_type,
+                                                 oci.named_digests(data)))
         return desc
 
     def image(self, name: str, media_type: str = oci.OCI_MANIFEST, arch: str = "amd64",
@@ -59,15 +79,9 @@ class Builder:
                               "layers": [layer]}, media_type)
 
     def tag(self, repo: str, tag: str, desc: dict[str, Any]) -> None:
-        self.store.index.set_tag("docker.io", repo, tag, None, desc["digest"],
-                                 desc["mediaType"], desc["size"])
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    store = Store(tmp_path / "cache")
-    yield store
-    store.close()
+        run(self.store.metadata.set_tag(TagRecord("docker.io", repo, tag, desc["digest"],
+                                                  desc["mediaType"], desc["size"],
+                                                  time.time()), None))
 
 
 @pytest.fixture
@@ -82,8 +96,8 @@ def filled(store: Store) -> Store:
     b.tag("test/multi", "1", b.manifest(
         {"schemaVersion": 2, "mediaType": oci.OCI_INDEX, "manifests": [amd, arm]}, oci.OCI_INDEX))
     single = b.image("single")
-    store.index.add_ref("docker.io", "test/single", single["digest"], oci.OCI_MANIFEST,
-                        single["size"])
+    run(store.metadata.add_ref(RefRecord("docker.io", "test/single", single["digest"],
+                                         oci.OCI_MANIFEST, single["size"])))
     return store
 
 
@@ -95,7 +109,7 @@ def export_bytes(store: Store, names: tuple[str, ...] = (), since: set[str] | No
                  ) -> bytes:
     ex = exporter.Exporter(store, UPSTREAMS)
     out = io.BytesIO()
-    ex.write(ex.select(names), out, since or set(), quiet())
+    ex.write(run(ex.select(names)), out, since or set(), quiet())
     return out.getvalue()
 
 
@@ -124,45 +138,60 @@ def test_export_is_reproducible_and_a_valid_layout(filled: Store) -> None:
 
 
 def filled_digest(store: Store, repo: str) -> str:
-    return next(d for _, r, d, _, _ in store.index.refs() if r == repo)
+    return next(r.digest for r in refs(store) if r.repo == repo)
+
+
+def refs(store: Store) -> list[RefRecord]:
+    async def collect() -> list[RefRecord]:
+        return [r async for r in store.metadata.iter_refs()]
+
+    return run(collect())
+
+
+def tags(store: Store) -> list[TagRecord]:
+    async def collect() -> list[TagRecord]:
+        return [t async for t in store.metadata.iter_tags()]
+
+    return run(collect())
 
 
 def test_export_leaves_out_platforms_the_cache_lacks(filled: Store) -> None:
     ex = exporter.Exporter(filled, UPSTREAMS)
-    (entry,) = ex.select(["test/multi:1"]).entries
+    (entry,) = run(ex.select(["test/multi:1"])).entries
     assert (entry.closure.images, entry.closure.skipped) == (1, 1)
     assert exporter.summary(exporter.Report([entry]), "x.tar").count("1 of 2 platforms") == 1
 
 
 def test_export_of_a_missing_image_fails(filled: Store) -> None:
     with pytest.raises(exporter.ExportError, match=r"docker\.io/test/nope:1: not in the cache"):
-        exporter.Exporter(filled, UPSTREAMS).select(["test/nope:1"])
+        run(exporter.Exporter(filled, UPSTREAMS).select(["test/nope:1"]))
 
 
 def test_round_trip_restores_tags_types_links_and_pins(filled: Store, tmp_path: Path) -> None:
     bundle = tmp_path / "b.tar"
     bundle.write_bytes(export_bytes(filled))
-    site = Store(tmp_path / "site")
-    try:
-        report = importer.import_bundle(site, UPSTREAMS, bundle, quiet())
+    with new_store(tmp_path / "site") as site:
+        report = run(importer.import_bundle(site, UPSTREAMS, bundle, quiet()))
         assert len(report.images) == 3
-        for record in filled.index.tags():
-            got = site.index.tag(record.upstream, record.repo, record.tag, None)
+        meta, was = site.metadata, filled.metadata
+        for record in tags(filled):
+            got = run(meta.tag(record.upstream, record.repo, record.tag, None))
             assert got is not None and got.digest == record.digest, record
-            assert site.index.media_type(record.digest) == filled.index.media_type(record.digest)
-            assert site.index.pinned(record.digest)
-            assert site.index.linked(record.upstream, record.repo, record.digest)
-        small = site.index.tag("docker.io", "library/small", "latest", None)
+            assert run(meta.media_type(record.digest)) == run(was.media_type(record.digest))
+            assert run(meta.pinned(record.digest))
+            assert run(meta.linked(record.upstream, record.repo, record.digest))
+            assert run(meta.holds(record.upstream, record.digest))
+            # The operator vouches for the bundle: anyone may read it (offline too).
+            assert run(meta.granted(record.upstream, record.repo, "anonymous")) is not None
+        small = run(meta.tag("docker.io", "library/small", "latest", None))
         assert small is not None and small.media_type == oci.DOCKER_MANIFEST
-        assert list(site.index.refs()) == list(filled.index.refs())
+        assert refs(site) == refs(filled)
         for path in (site.root / "blobs").rglob("*"):
             if path.is_file():
                 assert digest_of(path.read_bytes()).endswith(path.name)
         # Again: everything is there already.
-        again = importer.import_bundle(site, UPSTREAMS, bundle, quiet())
+        again = run(importer.import_bundle(site, UPSTREAMS, bundle, quiet()))
         assert again.added == 0
-    finally:
-        site.close()
 
 
 def test_a_corrupt_blob_refuses_the_whole_bundle(filled: Store, tmp_path: Path) -> None:
@@ -173,24 +202,21 @@ def test_a_corrupt_blob_refuses_the_whole_bundle(filled: Store, tmp_path: Path) 
     data[member.offset_data + 10] ^= 0xFF
     bundle = tmp_path / "bad.tar"
     bundle.write_bytes(bytes(data))
-    site = Store(tmp_path / "site")
-    try:
+    with new_store(tmp_path / "site") as site:
         with pytest.raises(importer.BundleError) as caught:
-            importer.import_bundle(site, UPSTREAMS, bundle, quiet())
+            run(importer.import_bundle(site, UPSTREAMS, bundle, quiet()))
         bad = "sha256:" + member.name.rsplit("/", 1)[1]
         assert f"blob {bad} is corrupt" in str(caught.value)
         assert [p for p in (site.root / "blobs").rglob("*") if p.is_file()] == []
         assert list(site.tmp.iterdir()) == []
-        assert list(site.index.tags()) == []
-    finally:
-        site.close()
+        assert tags(site) == []
 
 
 def test_since_leaves_out_what_the_old_bundle_has(filled: Store, tmp_path: Path) -> None:
     old = tmp_path / "old.tar"
     ex = exporter.Exporter(filled, UPSTREAMS)
     with open(old, "wb") as f:
-        ex.write(ex.select(["test/multi:1"]), f, set(), quiet())
+        ex.write(run(ex.select(["test/multi:1"])), f, set(), quiet())
     had = layout.blob_digests(old)
     new = export_bytes(filled, since=had)
     with tarfile.open(fileobj=io.BytesIO(new)) as tar:
@@ -199,15 +225,12 @@ def test_since_leaves_out_what_the_old_bundle_has(filled: Store, tmp_path: Path)
     # Without the old one underneath, the new one does not import.
     inc = tmp_path / "new.tar"
     inc.write_bytes(new)
-    site = Store(tmp_path / "site")
-    try:
+    with new_store(tmp_path / "site") as site:
         with pytest.raises(importer.BundleError, match="incremental bundle"):
-            importer.import_bundle(site, UPSTREAMS, inc, quiet())
-        importer.import_bundle(site, UPSTREAMS, old, quiet())
-        importer.import_bundle(site, UPSTREAMS, inc, quiet())
-        assert site.index.tag("docker.io", "library/small", "latest", None) is not None
-    finally:
-        site.close()
+            run(importer.import_bundle(site, UPSTREAMS, inc, quiet()))
+        run(importer.import_bundle(site, UPSTREAMS, old, quiet()))
+        run(importer.import_bundle(site, UPSTREAMS, inc, quiet()))
+        assert run(site.metadata.tag("docker.io", "library/small", "latest", None)) is not None
 
 
 def write_layout(root: Path, ref_name: str | None) -> str:
@@ -246,17 +269,17 @@ def test_names_in_other_tools_layouts(
     expected: tuple[str, str, str] | None,
 ) -> None:
     digest = write_layout(tmp_path / "layout", ref_name)
-    report = importer.import_bundle(store, UPSTREAMS, tmp_path / "layout", quiet(), name)
+    report = run(importer.import_bundle(store, UPSTREAMS, tmp_path / "layout", quiet(), name))
     assert store.has(parse_digest(digest))
-    tags = [(t.upstream, t.repo, t.tag) for t in store.index.tags()]
-    assert tags == ([expected] if expected else [])
+    found = [(t.upstream, t.repo, t.tag) for t in tags(store)]
+    assert found == ([expected] if expected else [])
     if expected is None and ref_name:
         assert "give --name" in importer.summary(report, tmp_path)
 
 
 def test_walk_of_a_partial_index(filled: Store) -> None:
     ex = exporter.Exporter(filled, UPSTREAMS)
-    record = filled.index.tag("docker.io", "test/multi", "1", None)
+    record = run(filled.metadata.tag("docker.io", "test/multi", "1", None))
     assert record is not None
     root = oci.Descriptor(oci.OCI_INDEX, record.digest, record.size)
     loose = oci.walk(root, ex.read, ex.has)

@@ -6,36 +6,42 @@ import asyncio
 import hashlib
 import os
 import time
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import pytest
 
 from mirror import evict
 from mirror.evict import Evictor, default_budget, evict_once
 from mirror.fills import Fills
+from mirror.metadata import SqliteMetadata
 from mirror.reference import Digest
 from mirror.settings import SettingsError, load
-from mirror.store import FillLock, Store
+from mirror.store import Store
 
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    store = Store(tmp_path / "cache")
-    yield store
-    store.close()
+T = TypeVar("T")
 
 
 def put(store: Store, data: bytes, age: float = 0.0) -> Digest:
-    """Commit `data`, last used `age` seconds ago (index and mtime)."""
+    """Commit `data`, last used `age` seconds ago (its record and mtime)."""
     digest = Digest("sha256", hashlib.sha256(data).hexdigest())
-    store.write(digest, data)
+    run(store.write(digest, data, "up"))
     at = time.time() - age
     os.utime(store.path(digest), (at, at))
     store.recency.pending.pop(str(digest), None)
-    store.index.set_last_used({str(digest): at})
+    metadata = store.metadata
+    assert isinstance(metadata, SqliteMetadata)
+    metadata.db.execute("UPDATE content SET used = ? WHERE digest = ?", (at, str(digest)))
     return digest
+
+
+def run(work: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(work)
+
+
+def last_used(store: Store, digest: str) -> float | None:
+    record = run(store.metadata.content(digest))
+    return None if record is None else record.used
 
 
 def test_entries_walks_content_and_reports_strays(store: Store) -> None:
@@ -52,26 +58,23 @@ def test_entries_walks_content_and_reports_strays(store: Store) -> None:
 def test_hits_are_batched_in_memory_and_flushed_without_going_back_in_time(
     store: Store,
 ) -> None:
-    digest = "sha256:" + "1" * 64
+    digest = str(put(store, b"1" * 10, age=1000))
     store.recency.touch(digest)
-    assert store.index.last_used(digest) is None  # a hit costs no write
-    assert store.recency.last_used(digest) is not None  # but eviction sees it
-    assert store.recency.flush() == 1
-    recorded = store.index.last_used(digest)
-    assert recorded is not None and store.recency.pending == {}
-    store.index.set_last_used({digest: recorded - 100})  # another worker's older hit
-    assert store.index.last_used(digest) == recorded
+    assert time.time() - (last_used(store, digest) or 0) > 900  # a hit costs no write
+    assert run(store.recency.last_used(digest)) is not None  # but eviction sees it
+    assert run(store.recency.flush()) == 1
+    recorded = last_used(store, digest)
+    assert recorded is not None and time.time() - recorded < 60
+    assert store.recency.pending == {}
+    run(store.metadata.touch({digest: recorded - 100}))  # another worker's older hit
+    assert last_used(store, digest) == recorded
 
 
-def test_closing_the_store_flushes_pending_hits(tmp_path: Path) -> None:
-    store = Store(tmp_path / "cache")
-    store.recency.touch("sha256:" + "2" * 64)
-    store.close()
-    again = Store(tmp_path / "cache")
-    try:
-        assert again.index.last_used("sha256:" + "2" * 64) is not None
-    finally:
-        again.close()
+def test_closing_the_store_flushes_pending_hits(store: Store) -> None:
+    digest = str(put(store, b"2" * 10, age=1000))
+    store.recency.touch(digest)
+    run(store.close())
+    assert time.time() - (last_used(store, digest) or 0) < 60
 
 
 def test_a_pass_removes_the_least_recently_used_down_to_the_low_water_mark(
@@ -81,23 +84,23 @@ def test_a_pass_removes_the_least_recently_used_down_to_the_low_water_mark(
     older = put(store, b"p" * 1000, age=400)
     recent = put(store, b"r" * 1000, age=100)
     newest = put(store, b"n" * 1000, age=10)
-    result = evict_once(store, budget=2500, grace=0)
+    result = run(evict_once(store, budget=2500, grace=0))
     assert result is not None
     # 4000 > 2500: down to 0.9 * 2500 = 2250, oldest first: two go.
     assert (result.removed, result.freed, result.total) == (2, 2000, 2000)
     assert not store.has(older) and not store.has(old)
     assert store.has(recent) and store.has(newest)
-    assert store.index.last_used(str(older)) is None  # forgotten with its content
-    under = evict_once(store, budget=2500, grace=0)
+    assert last_used(store, str(older)) is None  # forgotten with its content
+    under = run(evict_once(store, budget=2500, grace=0))
     assert under is not None and under.removed == 0
 
 
 def test_a_pass_never_removes_pinned_or_recently_used_content(store: Store) -> None:
     pinned = put(store, b"p" * 1000, age=1000)
-    store.index.pin([str(pinned)])
+    run(store.metadata.pin("test", [str(pinned)]))
     old = put(store, b"o" * 1000, age=500)
     fresh = put(store, b"f" * 1000, age=0)
-    result = evict_once(store, budget=500, grace=60)
+    result = run(evict_once(store, budget=500, grace=60))
     assert result is not None
     assert store.has(pinned) and store.has(fresh) and not store.has(old)
     assert result.kept_recent and result.total == 2000  # over budget: in use, and pinned
@@ -107,20 +110,17 @@ def test_the_hits_of_this_process_count_before_they_are_flushed(store: Store) ->
     a = put(store, b"a" * 1000, age=500)
     b = put(store, b"b" * 1000, age=400)
     store.recency.touch(a)  # a hit, still pending: a is now the most recent
-    result = evict_once(store, budget=1500, grace=0)
+    result = run(evict_once(store, budget=1500, grace=0))
     assert result is not None and result.removed == 1
     assert store.has(a) and not store.has(b)
 
 
 def test_one_process_evicts_at_a_time(store: Store) -> None:
     put(store, b"x" * 1000, age=500)
-    other = FillLock(store.locks / "evict.lock")
-    assert other.acquire()
-    try:
-        assert evict_once(store, budget=10, grace=0) is None
-    finally:
-        other.release()
-    assert evict_once(store, budget=10, grace=0) is not None
+    assert run(store.metadata.acquire("evict", "another process", 60))
+    assert run(evict_once(store, budget=10, grace=0)) is None
+    run(store.metadata.release("evict", "another process"))
+    assert run(evict_once(store, budget=10, grace=0)) is not None
 
 
 def test_a_reader_keeps_every_byte_of_a_blob_evicted_under_it(store: Store) -> None:
@@ -128,16 +128,27 @@ def test_a_reader_keeps_every_byte_of_a_blob_evicted_under_it(store: Store) -> N
     digest = put(store, data, age=500)
 
     async def read_while_evicted() -> bytes:
-        reader = Fills(store)._committed(digest)
+        reader = await Fills(store)._committed(digest)
         assert reader is not None
         chunks = reader.chunks(0, None)
         got = [await chunks.__anext__()]
-        assert evict_once(store, budget=0, grace=0) is not None
+        assert await evict_once(store, budget=0, grace=0) is not None
         assert not store.path(digest).exists()  # unlinked: the descriptor still reads it
         got += [chunk async for chunk in chunks]
         return b"".join(got)
 
     assert asyncio.run(read_while_evicted()) == data
+
+
+async def aput(store: Store, data: bytes, age: float = 0.0) -> Digest:
+    digest = Digest("sha256", hashlib.sha256(data).hexdigest())
+    await store.write(digest, data, "up")
+    at = time.time() - age
+    store.recency.pending.pop(str(digest), None)
+    metadata = store.metadata
+    assert isinstance(metadata, SqliteMetadata)
+    metadata.db.execute("UPDATE content SET used = ? WHERE digest = ?", (at, str(digest)))
+    return digest
 
 
 def test_the_evictor_wakes_when_a_commit_passes_the_budget(store: Store) -> None:
@@ -147,10 +158,10 @@ def test_the_evictor_wakes_when_a_commit_passes_the_budget(store: Store) -> None
         task = asyncio.create_task(evictor.run())
         try:
             await asyncio.sleep(0.2)  # the first pass: learns the usage
-            first = put(store, b"1" * 1000, age=50)
-            put(store, b"2" * 1000, age=40)
+            first = await aput(store, b"1" * 1000, age=50)
+            await aput(store, b"2" * 1000, age=40)
             assert evictor.used == 2000
-            put(store, b"3" * 1000)  # 3000 > 2500: wakes the evictor at once
+            await aput(store, b"3" * 1000)  # 3000 > 2500: wakes the evictor at once
             for _ in range(100):  # the file goes mid-pass: wait for the pass to end too
                 if not store.has(first) and evictor.passes >= 2:
                     break
@@ -173,7 +184,7 @@ def test_the_default_budget_is_a_share_of_held_plus_free_space(
         f_bavail, f_frsize = 1000, 4096
 
     monkeypatch.setattr(evict.os, "statvfs", lambda _path: Vfs())
-    assert default_budget(store) == int(0.8 * (4096 + 1000 * 4096))
+    assert default_budget(store, 4096) == int(0.8 * (4096 + 1000 * 4096))
 
 
 @pytest.mark.parametrize(("value", "expected"), [

@@ -6,15 +6,15 @@ import asyncio
 import errno
 import hashlib
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import pytest
 
-from mirror import access, errors, relay
+from mirror import errors, relay
 from mirror.fills import Fills
+from mirror.identity import Identities
 from mirror.manifests import accept_key
 from mirror.reference import Digest
 from mirror.relay import NoFollowers, Relay
@@ -90,13 +90,6 @@ def test_with_no_reader_left_the_relay_stops_the_download(
 
 
 # -- Fills on a disk that fills up ------------------------------------------------------------
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    store = Store(tmp_path / "cache")
-    yield store
-    store.close()
 
 
 @pytest.fixture
@@ -202,6 +195,8 @@ def test_accept_keeps_only_media_types() -> None:
 
 
 def test_a_bearer_token_that_is_not_ascii_is_refused_not_forwarded() -> None:
+    identities = Identities(lambda: asyncio.sleep(0, b"k" * 32))
+    asyncio.run(identities.ready())
     with pytest.raises(errors.Unauthorized):
-        access.caller_of("Bearer caf\xe9")
-    assert access.caller_of("Bearer abc.def-ghi").credential is not None
+        identities.caller("Bearer caf\xe9", "up")
+    assert identities.caller("Bearer abc.def-ghi", "up").credential is not None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import hashlib
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -13,13 +13,6 @@ import pytest
 from mirror.flight import SingleFlight, exclusive
 from mirror.reference import Digest
 from mirror.store import FillLock, Store, lock_is_held
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    store = Store(tmp_path / "cache")
-    yield store
-    store.close()
 
 
 def _digest(data: bytes) -> Digest:
@@ -144,17 +137,24 @@ def test_exclusive_waits_for_the_holder_and_returns_none(store: Store) -> None:
 def test_store_layout_and_write(store: Store) -> None:
     data = b"hello"
     digest = _digest(data)
-    assert store.size(digest) is None
-    assert not store.has(digest)
-    assert store.read(digest) is None
-    store.write(digest, data)
-    assert store.path(digest) == store.blobs / "sha256" / digest.hex[:2] / digest.hex
-    assert store.read(digest) == data
-    assert store.size(digest) == 5
-    assert list(store.tmp.iterdir()) == []
-    store.remove(digest)
-    assert not store.has(digest)
-    store.remove(digest)  # already gone: fine
+
+    async def run() -> None:
+        assert store.size(digest) is None
+        assert not store.has(digest)
+        assert await store.read(digest) is None
+        await store.write(digest, data, "up")
+        assert store.path(digest) == store.blobs / "sha256" / digest.hex[:2] / digest.hex
+        assert await store.read(digest) == data
+        assert store.size(digest) == 5
+        assert await store.metadata.totals() == (5, 1)
+        assert await store.metadata.holds("up", str(digest))
+        assert list(store.tmp.iterdir()) == []
+        await store.remove(digest)
+        assert not store.has(digest)
+        assert await store.metadata.totals() == (0, 0)
+        await store.remove(digest)  # already gone: fine
+
+    asyncio.run(run())
 
 
 def test_commit_keeps_the_inode(store: Store) -> None:
@@ -162,9 +162,36 @@ def test_commit_keeps_the_inode(store: Store) -> None:
     part = store.partial_path(digest)
     part.write_bytes(b"abc")
     inode = part.stat().st_ino
-    final = store.commit(digest, part)
+    final = asyncio.run(store.commit(digest, part, None))
     assert final.stat().st_ino == inode
     assert not part.exists()
+
+
+def test_a_damaged_file_reads_as_a_miss_and_is_removed(store: Store) -> None:
+    """A truncated blob or an emptied manifest is never served with its short length."""
+    data = b"x" * 1000
+    digest = _digest(data)
+
+    async def run() -> None:
+        await store.write(digest, data, "up")
+        store.path(digest).write_bytes(data[:10])  # truncated behind our back
+        assert await store.open(digest) is None
+        assert not store.has(digest)
+        assert await store.metadata.content(str(digest)) is None
+        await store.write(digest, data, "up")
+        store.path(digest).write_bytes(b"")  # emptied
+        assert await store.read(digest) is None
+        assert not store.has(digest)
+
+    asyncio.run(run())
+
+
+def test_a_file_without_a_record_reads_as_a_miss_but_stays(store: Store) -> None:
+    digest = _digest(b"stray")
+    store.path(digest).parent.mkdir(parents=True, exist_ok=True)
+    store.path(digest).write_bytes(b"stray")
+    assert asyncio.run(store.open(digest)) is None
+    assert store.has(digest)  # a fill will commit over it and record it
 
 
 # -- cleanup_partials -----------------------------------------------------------------------
@@ -202,10 +229,10 @@ def test_cleanup_with_nothing_to_do(store: Store) -> None:
 
 def test_cleanup_leaves_committed_content(store: Store) -> None:
     digest = _digest(b"kept")
-    store.write(digest, b"kept")
+    asyncio.run(store.write(digest, b"kept", None))
     store.partial_path(digest).write_bytes(b"ke")
     assert store.cleanup_partials() == 1
-    assert store.read(digest) == b"kept"
+    assert asyncio.run(store.read(digest)) == b"kept"
 
 
 # -- SingleFlight ---------------------------------------------------------------------------
