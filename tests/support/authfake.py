@@ -9,18 +9,20 @@ repository gets 401 whether or not the repository or the tag exists.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import itertools
 import json
 import threading
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from support.procs import free_port
@@ -80,6 +82,9 @@ class AuthUpstream:
         self.head_any_blob = False  # hostile: HEAD 200 for any blob of any repository
         self.cdn_challenges = False  # blob GETs go to a "CDN" that answers 401 + its realm
         self.no_auth = False  # no tokens at all: anyone reads and writes everything
+        self.endless: set[str] = set()  # blobs whose GET streams on without a length
+        self.drip = 0.0  # seconds between 1 KiB chunks of those endless bodies
+        self.sent = 0  # bytes of endless bodies sent so far
         self._count = itertools.count()
         app = Starlette(routes=[
             Route("/v2/", self._ping),
@@ -255,6 +260,11 @@ class AuthUpstream:
             return refused
         repo = self.repos.get(name)
         held = repo is not None and digest in repo.content and digest in self.blobs
+        if request.method == "HEAD" and digest in self.endless:
+            response = Response(b"", headers={"Docker-Content-Digest": digest})
+            response.raw_headers = [(k, v) for k, v in response.raw_headers
+                                    if k != b"content-length"]  # length unknown
+            return response
         if request.method == "HEAD" and self.head_any_blob:
             size = len(self.blobs.get(digest, b"x" * 1000))
             return Response(b"", headers={"Content-Length": str(size),
@@ -265,12 +275,25 @@ class AuthUpstream:
         if request.method == "DELETE":
             repo.content.discard(digest)
             return Response(status_code=202)
+        if request.method == "GET" and digest in self.endless:
+            return StreamingResponse(self._endless(request),
+                                     media_type="application/octet-stream")
         if request.method == "GET" and self.cdn_challenges:
             return Response(status_code=307, headers={"Location": f"{self.cdn_url}/cdn/{digest}"})
         data = self.blobs[digest]
         headers = {"Content-Length": str(len(data)), "Docker-Content-Digest": digest}
         return Response(b"" if request.method == "HEAD" else data, headers=headers,
                         media_type="application/octet-stream")
+
+    async def _endless(self, request: Request) -> AsyncIterator[bytes]:
+        chunk = b"\0" * (1024 if self.drip else 256 * 1024)
+        for _ in range(1 << 20):  # bounded: 256 GiB at most, far past any test's limit
+            if self.drip:
+                await asyncio.sleep(self.drip)
+            if await request.is_disconnected():
+                return
+            self.sent += len(chunk)
+            yield chunk
 
     async def _cdn(self, request: Request) -> Response:
         """A CDN in front of the blobs that answers with a challenge of its own."""
