@@ -9,7 +9,7 @@ import tempfile
 from collections.abc import Sequence
 from typing import Any
 
-from mirror import __version__, admin, airgap
+from mirror import __version__, admin, airgap, clientconfig
 from mirror.metrics import prepare_multiprocess, serve_metrics
 from mirror.settings import (
     RESOLVED_ENV,
@@ -56,6 +56,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="serve /metrics on this address instead of the main one")
     serve.add_argument("--offline", action="store_true", default=None,
                        help="serve only from the cache; never contact an upstream")
+    config = commands.add_parser(
+        "client-config", help="print what a client needs to pull through the mirror",
+        description="Print on standard output the configuration CLIENT needs to pull through "
+        "the mirror at --mirror URL, for every upstream of the mirror's settings (--config, "
+        "--upstream, MIRROR_UPSTREAMS). containerd gets one hosts.toml per registry, each "
+        "after a line '# file: REGISTRY/hosts.toml'.")
+    config.add_argument("client", choices=clientconfig.CLIENTS)
+    config.add_argument("--mirror", required=True, metavar="URL",
+                        help="the mirror's address as clients reach it, e.g. http://mirror:5000")
+    config.add_argument("--config", metavar="FILE", help="TOML settings file")
+    config.add_argument("--upstream", dest="upstreams", action="append", metavar="[NAME=]URL",
+                        help="upstream registry (repeatable; the first is the default)")
     admin.add_parser(commands)
     airgap.add_parsers(commands)
     return parser
@@ -79,6 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return admin.run(args)
     if args.command in airgap.COMMANDS:
         return airgap.run(args)
+    if args.command == "client-config":
+        return client_config(args)
     try:
         settings = load(flags_of(args))
     except SettingsError as exc:
@@ -87,6 +101,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         return serve(settings)
     return 2
+
+
+def client_config(args: argparse.Namespace) -> int:
+    try:
+        settings = load({"config": args.config, "upstreams": args.upstreams})
+        text = clientconfig.render(args.client, settings, args.mirror)
+    except (SettingsError, clientconfig.ClientConfigError) as exc:
+        print(f"mirror: {exc}", file=sys.stderr)
+        return 2
+    sys.stdout.write(text)
+    return 0
 
 
 def serve(settings: Settings) -> int:
