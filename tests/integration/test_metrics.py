@@ -342,13 +342,11 @@ PLAIN = re.compile(r'^\S+ \S+ "\S+ (\S+)" \d{3} \d+ \d+\.\d+ cache=\S+ upstream=
 
 def access_lines(mirror: MirrorProc, fmt: str) -> list[str]:
     """The mirror's access-log lines in the format `fmt`: in JSON, whole lines that are JSON
-    objects (every one must parse); in plain text, lines of the shape of PLAIN."""
+    objects with a path (every JSON line must parse); in plain text, lines of the shape of
+    PLAIN."""
     lines = mirror.log_text().splitlines()
-    if fmt == "json":
-        found = [line for line in lines if line.startswith("{")]
-        for line in found:
-            json.loads(line)
-        return found
+    if fmt == "json":  # every line is JSON then: the access log's are those with a path
+        return [line for line in lines if line.startswith("{") and "path" in json.loads(line)]
     return [line for line in lines if PLAIN.match(line)]
 
 
