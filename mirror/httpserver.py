@@ -52,8 +52,9 @@ class HeaderLimitProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if not self.transport.is_closing():
+        if self._in_headers and not self.transport.is_closing():
             self._arm()  # the next request's headers are due within header_timeout
+        # (else a pipelined request's headers are complete already)
 
     def _arm(self) -> None:
         self._disarm()
@@ -70,7 +71,7 @@ class HeaderLimitProtocol(HttpToolsProtocol):
             return
         if self._in_headers and self._header_bytes:
             self._reject(408, errors.RegistryError(
-                f"request headers not received within {self.header_timeout:g} seconds"))
+                f"request headers not received within {self.header_timeout:g} s"))
         elif self.cycle is None or self.cycle.response_complete:
             self.transport.close()  # idle between requests: nothing to answer
 
