@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from mirror.logs import field, timestamp
 from mirror.metrics import Metrics
 from mirror.store import Store
 from mirror.upstream import UpstreamClient
@@ -104,20 +105,22 @@ class Observe:
         target = state.get("target")
         upstream = target[0].name if target else "-"
         cache = state.get("cache", "-")
-        path = scope.get("path", "")
+        # The path as the client sent it (still percent-encoded), with the query.
+        raw = scope.get("raw_path") or scope.get("path", "").encode("utf-8", "replace")
+        path = raw.decode("latin-1")
         if scope.get("query_string"):
             path += "?" + scope["query_string"].decode("latin-1")
         client = (scope.get("client") or ("-",))[0]
-        now = time.strftime("%Y-%m-%dT%H:%M:%S")
-        if self.log_format == "json":
+        now = timestamp()
+        if self.log_format == "json":  # json.dumps escapes control characters itself
             self.access.write(json.dumps({
                 "time": now, "client": client, "method": scope["method"], "path": path,
                 "status": status, "bytes": sent, "duration": round(elapsed, 6),
                 "cache": cache, "upstream": upstream}))
         else:
             self.access.write(
-                f'{now} {client} "{scope["method"]} {path}" {status} {sent} {elapsed:.4f} '
-                f"cache={cache} upstream={upstream}")
+                f'{now} {field(str(client))} "{field(scope["method"])} {field(path)}" {status} '
+                f"{sent} {elapsed:.4f} cache={field(str(cache))} upstream={field(upstream)}")
 
 
 class Health:
