@@ -69,6 +69,13 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+class AbortedStreams(logging.Filter):
+    """uvicorn's line for a response cut mid-body: `mirror.observe` already logged why."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "ASGI callable returned without completing response."
+
+
 def logging_config(log_format: str, level: str) -> dict[str, Any]:
     """A `logging.config.dictConfig` for uvicorn's `log_config`: everything to stderr in
     `log_format`, at `level` (uvicorn's `trace` is below `debug`)."""
@@ -80,7 +87,8 @@ def logging_config(log_format: str, level: str) -> dict[str, Any]:
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"mirror": {"()": f"{formatter.__module__}.{formatter.__qualname__}"}},
-        "handlers": {"stderr": handler},
+        "filters": {"aborted": {"()": f"{AbortedStreams.__module__}.AbortedStreams"}},
+        "handlers": {"stderr": {**handler, "filters": ["aborted"]}},
         "root": {"handlers": ["stderr"], "level": level},
         "loggers": {
             # uvicorn's loggers carry handlers of their own by default: use the root's.

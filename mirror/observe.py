@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from mirror.errors import StreamAborted
 from mirror.logs import field, timestamp
 from mirror.metrics import Metrics
 from mirror.store import Store
@@ -91,6 +92,11 @@ class Observe:
 
         try:
             await self.app(scope, receive, counting_send)
+        except StreamAborted as exc:
+            # The body was promised and cannot be completed (a fill failed): the connection
+            # is cut, which is the client's signal. One line says why; no traceback.
+            log.warning("cut %s %s after %d bytes: %s", scope["method"],
+                        field(scope.get("path", "")), sent, exc)
         finally:
             elapsed = time.perf_counter() - started
             route = scope.get("route")
