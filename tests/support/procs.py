@@ -172,10 +172,13 @@ class MirrorProc:
         env: Mapping[str, str] | None = None,
         port: int | None = None,
         tls_ca: Path | None = None,
+        code: Path = REPO_ROOT,
     ) -> None:
         """`tls_ca`: the mirror serves HTTPS (its --tls-* flags are in `args`) with a
-        certificate this CA signed; `url` is then https and start-up is checked with it."""
+        certificate this CA signed; `url` is then https and start-up is checked with it.
+        `code`: the directory whose `mirror` package runs (another release's, say)."""
         self.tls_ca = tls_ca
+        self.code = code
         self.upstreams = list(upstreams)
         self.cache_dir = cache_dir
         self.log_dir = log_dir
@@ -206,9 +209,9 @@ class MirrorProc:
     def start(self, timeout: float = 30) -> MirrorProc:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         pythonpath = os.pathsep.join(
-            p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+            p for p in (str(self.code), os.environ.get("PYTHONPATH", "")) if p)
         env = clean_env({"PYTHONPATH": pythonpath, "PYTHONUNBUFFERED": "1", **self.env})
-        self.proc = Proc(self.argv, self.log_dir, name="mirror", env=env, cwd=REPO_ROOT,
+        self.proc = Proc(self.argv, self.log_dir, name="mirror", env=env, cwd=self.code,
                          log_name="mirror.log")
         wait_http(f"{self.url}/v2/", timeout, ok=lambda s: s in (200, 401), proc=self.proc,
                   verify=ssl.create_default_context(cafile=self.tls_ca) if self.tls_ca else True)
