@@ -24,13 +24,15 @@ from mirror.store import Store
 
 T = TypeVar("T")
 COMMANDS = ("seed", "export", "import")
-SETTING_FLAGS = ("config", "cache_dir", "upstreams")
+SETTING_FLAGS = ("config", "cache_dir", "upstreams", "redis_url")
 
 
 def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     def common(parser: argparse.ArgumentParser, upstreams: bool = True) -> None:
         parser.add_argument("--config", metavar="FILE", help="TOML settings file")
         parser.add_argument("--cache-dir", metavar="DIR", help="where the cache lives")
+        parser.add_argument("--redis", dest="redis_url", metavar="URL",
+                            help="metadata shared by several mirrors (as for serve)")
         parser.add_argument(
             "--upstream", dest="upstreams", action="append", metavar="[NAME=]URL",
             help="upstream registry (repeatable; the first is the default)" if upstreams else

@@ -78,6 +78,8 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", metavar="DIR", help="where the cache lives")
     parser.add_argument("--upstream", dest="upstreams", action="append", metavar="[NAME=]URL",
                         help="upstream registry (repeatable; the first is the default)")
+    parser.add_argument("--redis", dest="redis_url", metavar="URL",
+                        help="metadata shared by several mirrors (redis://HOST:PORT/DB)")
 
 
 def flags_of(args: argparse.Namespace) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The on-disk cache: content-addressed files, fill locks and a small metadata index.
+"""The on-disk cache: content-addressed files and fill locks, with a content record each.
 
 Layout under the cache directory (everything a request can touch is derived from a parsed
 digest, so no client input ever becomes a path):
