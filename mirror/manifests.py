@@ -257,12 +257,20 @@ class ManifestService:
         return info
 
     def deleted(self, upstream: str, repo: str, reference: Digest | str) -> None:
-        """A manifest (by digest) or a tag was deleted upstream through us."""
+        """A manifest (by digest) or a tag was deleted upstream through us.
+
+        The stored manifest stays: other repositories may hold the same bytes. What goes
+        is this repository's tags resolving to it (its link is the caller's to drop).
+        """
+        index = self.store.index
         if isinstance(reference, Digest):
-            self._hot.pop(reference, None)
-            self.store.remove(reference)
+            tags = {record.tag for _, record in index.tag_records()
+                    if (record.upstream, record.repo, record.digest)
+                    == (upstream, repo, str(reference))}
+            for tag in tags:
+                index.drop_tag(upstream, repo, tag)
         else:  # older resolutions of the tag are void
-            self.store.index.set_pushed(upstream, repo, reference)
+            index.set_pushed(upstream, repo, reference)
         self.forget_tags()
 
     def forget_tags(self) -> None:

@@ -1,5 +1,9 @@
 """HTTP routing of writes: uploads, manifest pushes and deletes, forwarded upstream with
-the client's own credentials (a push never happens on the mirror's behalf)."""
+the client's own credentials (a push never happens on the mirror's behalf).
+
+A delete only drops the repository's claim on content: other repositories may hold the
+very same blob or manifest.
+"""
 
 from __future__ import annotations
 
@@ -90,6 +94,8 @@ class PushHandlers:
             if response.status_code not in (200, 202):
                 raise upstream_error(response, client.name, errors.ManifestUnknown,
                                      f"manifest {repo}@{reference}", response.content)
+            if isinstance(reference, Digest):
+                self.access.unlink(client.name, repo, str(reference))
             self.manifests.deleted(client.name, repo, reference)
             return Response(status_code=202, headers=API_VERSION)
         length = content_length(request)
@@ -121,8 +127,8 @@ class PushHandlers:
         if response.status_code not in (200, 202):
             raise upstream_error(response, client.name, errors.BlobUnknown, f"blob {digest}",
                                  response.content)
+        # Only this repository's claim goes: the content may be other repositories' too.
         self.access.unlink(client.name, repo, str(digest))
-        self.reads.blobs.store.remove(digest)
         return Response(status_code=202, headers=API_VERSION)
 
 

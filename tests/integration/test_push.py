@@ -19,15 +19,18 @@ from support.registry import Upstream
 from support.tcpcount import CountingProxy
 
 ALICE = "alice:alicepw"
+BOB = "bob:bobpw"
+MiB = 1 << 20
 ACCEPT = ", ".join([
     "application/vnd.oci.image.index.v1+json", "application/vnd.oci.image.manifest.v1+json",
     "application/vnd.docker.distribution.manifest.list.v2+json",
     "application/vnd.docker.distribution.manifest.v2+json"])
 
 
-def bearer(mirror_url: str, repo: str, *also: str) -> dict[str, str]:
-    """A token from the mirror's realm for alice, as a client would get for a push."""
-    basic = base64.b64encode(b"alice:alicepw").decode()
+def bearer(mirror_url: str, repo: str, *also: str, user: str = ALICE) -> dict[str, str]:
+    """A token from the mirror's realm (for alice by default), as a client would get for a
+    push."""
+    basic = base64.b64encode(user.encode()).decode()
     scopes = [f"repository:{repo}:pull,push,delete", *also]
     response = httpx.get(f"{mirror_url}/token", headers={"Authorization": f"Basic {basic}"},
                          params={"service": "docker.io", "scope": scopes})
@@ -291,3 +294,34 @@ def test_docker_logs_in_to_the_mirror_and_pushes_through_it(
     raw = inspect_raw(f"{upstream.host}/team/from-docker:1")
     assert json.loads(raw)["config"]["digest"] == json.loads(
         inspect_raw(f"{upstream.host}/library/small:latest"))["config"]["digest"]
+
+
+# -- hardening: hostile input, broken clients, full disks, deletes, orphans, ownership --------
+
+
+def test_a_users_delete_leaves_content_another_repository_shares_cached(
+    upstream: Upstream, start_mirror: StartMirror
+) -> None:
+    mirror = start_mirror()
+    image = upstream.images["library/small:latest"]
+    for repo, creds in (("alice/app", ALICE), ("bob/app", BOB)):
+        copy(f"docker://{upstream.host}/{image.ref}", f"docker://{mirror.host}/{repo}:1",
+             "--dest-creds", creds)
+    layer = image.blobs[-1][0]
+    alice = {**bearer(mirror.url, "alice/app"), "Accept": ACCEPT}
+    bob = {**bearer(mirror.url, "bob/app", user=BOB), "Accept": ACCEPT}
+    with httpx.Client(base_url=mirror.url, timeout=30) as client:
+        deleted = client.delete(f"/v2/bob/app/blobs/{layer}", headers=bob)
+        assert deleted.status_code == 202, deleted.text
+        deleted = client.delete(f"/v2/bob/app/manifests/{image.digest}", headers=bob)
+        assert deleted.status_code == 202, deleted.text
+        mark = upstream.registry.mark()
+        blob = client.get(f"/v2/alice/app/blobs/{layer}", headers=alice)
+        assert blob.status_code == 200 and blob.content == image.read_blob(layer)
+        manifest = client.get(f"/v2/alice/app/manifests/{image.digest}", headers=alice)
+        assert manifest.status_code == 200
+        gets = [r for r in upstream.registry.requests(since=mark) if r.method == "GET"]
+        assert gets == [], gets  # both from the cache
+        for path in (f"/v2/bob/app/blobs/{layer}", f"/v2/bob/app/manifests/{image.digest}"):
+            gone = client.get(path, headers=bob)
+            assert gone.status_code == 404, (path, gone.text)
