@@ -34,7 +34,7 @@ def create_app(settings: Settings) -> Starlette:
     access = Access(store.index)
     handlers = Handlers(clients, manifests, parts.blobs, access, settings.public_url, metrics)
     uploads = Uploads(store.root / "uploads", store, settings.upload_timeout,
-                      settings.max_layer_size, metrics)
+                      settings.max_layer_size, metrics, idle=settings.read_timeout)
     access_log = AccessLog()
     health = Health(metrics, store, next(iter(clients.values())), settings.offline)
     pushes = PushHandlers(handlers, uploads, manifests, access)

@@ -8,6 +8,7 @@ very same blob or manifest.
 from __future__ import annotations
 
 import hashlib
+import logging
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -19,8 +20,10 @@ from mirror.manifests import ManifestService, media_type_of
 from mirror.reference import Digest, check_name, check_reference, parse_digest
 from mirror.routes import API_VERSION, Handlers
 from mirror.tokens import Credential
-from mirror.uploads import MAX_MANIFEST, Forwarded, ManifestTooLarge, Uploads, read_manifest
+from mirror.uploads import ClientGone, Forwarded, Uploads, read_manifest
 from mirror.upstream import UpstreamClient, upstream_error
+
+log = logging.getLogger("mirror.routes_push")
 
 
 class PushHandlers:
@@ -58,7 +61,7 @@ class PushHandlers:
         if "from" in query:
             query["from"] = check_name(client.upstream.repository(query["from"]))
         result = await self.uploads.start(client, repo, name, credential, query,
-                                          request.stream(), content_length(request))
+                                          request.stream(), body_length(request))
         if result.status == 201:
             self.access.link(client.name, repo, [result.headers["Docker-Content-Digest"]])
         return answer(result)
@@ -67,7 +70,7 @@ class PushHandlers:
         client, repo, name, credential = self._writer(request)
         session = await self.uploads.get(client, request.path_params["session"], repo,
                                          credential)
-        length = content_length(request)
+        length = body_length(request)
         if request.method == "PATCH":
             result = await self.uploads.patch(client, session, name, credential,
                                               request.stream(), length,
@@ -98,10 +101,12 @@ class PushHandlers:
                 self.access.unlink(client.name, repo, str(reference))
             self.manifests.deleted(client.name, repo, reference)
             return Response(status_code=202, headers=API_VERSION)
-        length = content_length(request)
-        if length is not None and length > MAX_MANIFEST:
-            raise ManifestTooLarge("manifest larger than 4 MiB")
-        data = await read_manifest(request.stream())
+        try:
+            data = await read_manifest(request.stream(), content_length(request),
+                                       self.uploads.idle)
+        except ClientGone:
+            log.warning("client went away mid-body: manifest push to %s:%s", repo, reference)
+            raise errors.ManifestInvalid("client went away mid-upload") from None
         media_type = media_type_of(data, request.headers.get("content-type"))
         if isinstance(reference, Digest) and hashlib.new(
                 reference.algorithm, data).hexdigest() != reference.hex:
@@ -139,6 +144,14 @@ def content_length(request: Request) -> int | None:
     if not value.isdigit() or len(value) > 18:
         raise errors.SizeInvalid(f"bad Content-Length {value[:30]!r}")
     return int(value)
+
+
+def body_length(request: Request) -> int | None:
+    """The body's declared length; None for a chunked body, 0 when there is none."""
+    length = content_length(request)
+    if length is None and "transfer-encoding" not in request.headers:
+        return 0
+    return length
 
 
 def answer(result: Forwarded) -> Response:

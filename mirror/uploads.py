@@ -3,8 +3,9 @@
 Each upload session the upstream opens gets an id of ours (random, unguessable); the
 client only ever sees `/v2/<name>/blobs/uploads/<id>`, which maps to that one upstream
 session and nothing else. Sessions live in a small diskcache so every worker knows them.
-Bodies stream through (never whole in memory) and are teed into the cache
-(`mirror.writethrough`), so the first pull after a push is a hit.
+Bodies stream through (never whole in memory), counted against the size limit and their
+declared length, and are teed into the cache (`mirror.writethrough`), so the first pull
+after a push is a hit.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from urllib.parse import urljoin
 
 import diskcache
 import httpx
+from starlette.requests import ClientDisconnect
 
 from mirror import errors
 from mirror.metrics import Metrics
@@ -29,7 +31,7 @@ from mirror.reference import Digest
 from mirror.store import Store
 from mirror.tokens import Credential
 from mirror.upstream import UpstreamClient, upstream_error
-from mirror.writethrough import WriteThrough
+from mirror.writethrough import Tee, WriteThrough
 
 log = logging.getLogger("mirror.uploads")
 MAX_MANIFEST = 4 * 1024 * 1024
@@ -46,6 +48,10 @@ class TooLarge(errors.SizeInvalid):
 
 class ManifestTooLarge(errors.ManifestInvalid):
     status = 413
+
+
+class ClientGone(Exception):
+    """The client dropped its connection mid-body: there is no one left to answer."""
 
 
 @dataclass(frozen=True)
@@ -68,16 +74,84 @@ class Forwarded:
     body: bytes = b""
 
 
+async def client_body(
+    stream: AsyncIterator[bytes], declared: int | None, idle: float,
+    stalled: type[errors.RegistryError],
+) -> AsyncIterator[bytes]:
+    """A client's request body as it arrives, checked against its declared length.
+
+    A client silent for `idle` seconds mid-body gets `stalled` (400); a body longer or
+    shorter than its Content-Length, SIZE_INVALID; a client that hangs up, `ClientGone`.
+    """
+    received = 0
+    chunks = aiter(stream)
+    while True:
+        try:
+            async with asyncio.timeout(idle):
+                chunk = await anext(chunks)
+        except StopAsyncIteration:
+            break
+        except TimeoutError:
+            of = f" of {declared}" if declared is not None else ""
+            raise stalled(f"client sent nothing for {idle:g} s mid-body "
+                          f"(after {received}{of} bytes)") from None
+        except ClientDisconnect:
+            raise ClientGone() from None
+        received += len(chunk)
+        if declared is not None and received > declared:
+            raise errors.SizeInvalid(
+                f"body longer than its Content-Length of {declared} bytes")
+        if chunk:
+            yield chunk
+    if declared is not None and received < declared:
+        raise errors.SizeInvalid(
+            f"body of {received} bytes shorter than its Content-Length of {declared}")
+
+
+class Outgoing:
+    """A client's body on its way upstream: limited, teed, and why it stopped, if it did.
+
+    httpx may wrap what the body raised; `failure` and `gone` say what happened whatever
+    reaches the caller.
+    """
+
+    def __init__(self, chunks: AsyncIterator[bytes], offset: int, limit: int,
+                 tee: Tee | None) -> None:
+        self.chunks, self.offset, self.limit, self.tee = chunks, offset, limit, tee
+        self.sent = 0
+        self.failure: errors.RegistryError | None = None
+        self.gone = False
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self.chunks:
+                if self.offset + self.sent + len(chunk) > self.limit:
+                    raise TooLarge(f"layer larger than the limit of {self.limit} bytes")
+                self.sent += len(chunk)
+                if self.tee is not None:
+                    await self.tee.write(chunk)
+                yield chunk
+            if self.tee is not None:
+                await self.tee.flush()
+        except ClientGone:
+            self.gone = True
+            raise
+        except errors.RegistryError as exc:
+            self.failure = exc
+            raise
+
+
 class Uploads:
     def __init__(
         self, directory: Path, store: Store, timeout: float, max_size: int,
-        metrics: Metrics | None = None,
+        metrics: Metrics | None = None, idle: float = 60.0,
     ) -> None:
         self.metrics = metrics
         self.sessions = diskcache.Cache(str(directory), eviction_policy="none")
         self.store = store
         self.timeout = timeout
         self.max_size = max_size
+        self.idle = idle  # how long a client may stay silent mid-body
         self.kept = WriteThrough(store)
         self._credentials: dict[str, Credential] = {}
 
@@ -110,11 +184,25 @@ class Uploads:
         self, client: UpstreamClient, session: Session, credential: Credential | None
     ) -> None:
         self._count("timeout")
-        with contextlib.suppress(errors.RegistryError):
-            await client.send("DELETE", session.location, repo=session.repo,
-                              credential=credential, actions="pull,push")
+        await self._cancel_upstream(client, session, credential)
         self.kept.discard(session.id)
         self._save(replace(session, expired=True))
+
+    async def _abandon(
+        self, client: UpstreamClient, session: Session, credential: Credential
+    ) -> None:
+        """Cancel a session whose upstream state we no longer know (a body cut short)."""
+        await self._cancel_upstream(client, session, credential)
+        self.kept.discard(session.id)
+        self._drop(session.id)
+
+    async def _cancel_upstream(
+        self, client: UpstreamClient, session: Session, credential: Credential | None
+    ) -> None:
+        with contextlib.suppress(errors.RegistryError):
+            response = await client.send("DELETE", session.location, repo=session.repo,
+                                         credential=credential, actions="pull,push")
+            await response.aclose()
 
     async def run(self, clients: dict[str, UpstreamClient]) -> None:
         """The background task that keeps the time limit of sessions left idle."""
@@ -143,6 +231,10 @@ class Uploads:
         self.sessions.set(session.id, dataclasses.asdict(session),
                           expire=self.timeout + EXPIRED_KEPT)
 
+    def _drop(self, session_id: str) -> None:
+        self.sessions.delete(session_id)
+        self._credentials.pop(session_id, None)
+
     def _ours(self, session: Session, name: str) -> dict[str, str]:
         return {"Location": f"/v2/{name}/blobs/uploads/{session.id}",
                 "Docker-Upload-UUID": session.id}
@@ -158,16 +250,21 @@ class Uploads:
         self, client: UpstreamClient, repo: str, name: str, credential: Credential,
         query: dict[str, str], body: AsyncIterator[bytes], length: int | None,
     ) -> Forwarded:
-        """POST: open a session (or a monolithic upload with `digest`, or a mount)."""
+        """POST: open a session (or a monolithic upload with `digest`, or a mount).
+
+        `length` None: a chunked body.
+        """
         self._check_declared(length, 0)
         started = time.time()
         path = f"/v2/{repo}/blobs/uploads/"
         params = {k: v for k, v in query.items() if k in ("digest", "mount", "from")}
-        streamed = "digest" in params and length
+        outgoing = None
+        if "digest" in params and length != 0:
+            outgoing = Outgoing(client_body(body, length, self.idle, UploadInvalid), 0,
+                                self.max_size, None)
         response = await self._send(
-            client, "POST", path, repo, credential, params=params,
-            body=self._limited(body, 0, None) if streamed else None, length=length,
-            deadline=asyncio.get_running_loop().time() + self.timeout)
+            client, "POST", path, repo, credential, params=params, body=outgoing,
+            length=length, deadline=asyncio.get_running_loop().time() + self.timeout)
         if response.status_code == 201:
             self._count("ok")
             digest = response.headers.get("docker-content-digest", params.get("digest", ""))
@@ -194,10 +291,11 @@ class Uploads:
                 return Forwarded(416, {**self._ours(session, name),
                                        "Range": f"0-{max(session.offset - 1, 0)}"})
         self._check_declared(length, start)
+        outgoing = Outgoing(client_body(body, length, self.idle, UploadInvalid), start,
+                            self.max_size, self.kept.tee(session.id, start))
         response = await self._send(
             client, "PATCH", session.location, session.repo, credential,
-            body=self._limited(body, start, session), length=length,
-            deadline=self._deadline(session),
+            body=outgoing, length=length, deadline=self._deadline(session),
             headers={"Content-Range": content_range} if content_range else None,
             session=session)
         if response.status_code != 202:
@@ -214,16 +312,19 @@ class Uploads:
     ) -> Forwarded:
         self._check_declared(length, session.offset)
         url = str(httpx.URL(session.location).copy_merge_params({"digest": str(digest)}))
+        outgoing = None
+        if length != 0:  # a last chunk (None: chunked)
+            outgoing = Outgoing(client_body(body, length, self.idle, UploadInvalid),
+                                session.offset, self.max_size,
+                                self.kept.tee(session.id, session.offset))
         response = await self._send(
-            client, "PUT", url, session.repo, credential,
-            body=self._limited(body, session.offset, session) if length else None,
+            client, "PUT", url, session.repo, credential, body=outgoing,
             length=length, deadline=self._deadline(session), session=session)
         if response.status_code != 201:
             self.kept.discard(session.id)
             raise upstream_error(response, client.name, errors.BlobUploadUnknown,
                                  f"upload to {session.repo}", response.content)
-        self.sessions.delete(session.id)
-        self._credentials.pop(session.id, None)
+        self._drop(session.id)
         self._count("ok")
         await self.kept.keep(session.id, digest)
         return Forwarded(201, {"Location": f"/v2/{name}/blobs/{digest}",
@@ -247,8 +348,7 @@ class Uploads:
             await client.send("DELETE", session.location, repo=session.repo,
                               credential=credential, actions="pull,push")
         self.kept.discard(session.id)
-        self.sessions.delete(session.id)
-        self._credentials.pop(session.id, None)
+        self._drop(session.id)
         return Forwarded(204)
 
     # -- limits --------------------------------------------------------------------------
@@ -258,27 +358,10 @@ class Uploads:
             self._count("too_large")
             raise TooLarge(f"layer larger than the limit of {self.max_size} bytes")
 
-    async def _limited(
-        self, body: AsyncIterator[bytes], offset: int, session: Session | None
-    ) -> AsyncIterator[bytes]:
-        """The client's body, cut off past the size limit, teed into the cache's tmp/."""
-        total = offset
-        tee = self.kept.tee(session.id, offset) if session else None
-        async for chunk in body:
-            total += len(chunk)
-            if total > self.max_size:
-                self._count("too_large")
-                raise TooLarge(f"layer larger than the limit of {self.max_size} bytes")
-            if tee is not None:
-                await tee.write(chunk)
-            yield chunk
-        if tee is not None:
-            await tee.flush()
-
     async def _send(
         self, client: UpstreamClient, method: str, url: str, repo: str,
         credential: Credential, *, deadline: float, params: dict[str, str] | None = None,
-        body: AsyncIterator[bytes] | None = None, length: int | None = None,
+        body: Outgoing | None = None, length: int | None = None,
         headers: dict[str, str] | None = None, session: Session | None = None,
     ) -> httpx.Response:
         # A mount reads the source repository too.
@@ -292,25 +375,31 @@ class Uploads:
             async with asyncio.timeout_at(deadline):
                 return await client.send(
                     method, url, repo=repo, params=params, headers=request_headers,
-                    credential=credential, actions="pull,push", content=body,
-                    extra_scope=extra)
+                    credential=credential, actions="pull,push",
+                    content=body.stream() if body is not None else None, extra_scope=extra)
         except TimeoutError:
             if session is not None:
                 await self._expire(client, session, credential)
             else:
                 self._count("timeout")
             raise self._too_late() from None
-        except TooLarge:
+        except Exception as exc:
+            if body is None or not (body.gone or body.failure):
+                if isinstance(exc, errors.UpstreamError):
+                    self._count("error")
+                raise
+            # The client's body broke off: the upstream got a part of it, so its session is
+            # in an unknown state. Cancel it; the client starts again.
             if session is not None:
-                await self.cancel(client, session, credential)
-            raise
-        except errors.UpstreamError as exc:
-            if isinstance(exc.__cause__, TooLarge):
-                if session is not None:
-                    await self.cancel(client, session, credential)
-                raise exc.__cause__ from None
-            self._count("error")
-            raise
+                await self._abandon(client, session, credential)
+            if body.gone:
+                self._count("error")
+                what = f"upload {session.id}" if session else "monolithic upload"
+                log.warning("client went away mid-body: %s to %s cancelled", what, repo)
+                raise UploadInvalid("client went away mid-upload") from None
+            assert body.failure is not None
+            self._count("too_large" if isinstance(body.failure, TooLarge) else "error")
+            raise body.failure from None
 
     def _advance(self, session: Session, response: httpx.Response) -> Session:
         end = response.headers.get("range", "").rpartition("-")[2]
@@ -326,10 +415,13 @@ class Uploads:
             self.metrics.uploads.labels(outcome).inc()
 
 
-async def read_manifest(body: AsyncIterator[bytes]) -> bytes:
+async def read_manifest(body: AsyncIterator[bytes], declared: int | None,
+                        idle: float) -> bytes:
     """A pushed manifest, refused past 4 MiB without reading further."""
+    if declared is not None and declared > MAX_MANIFEST:
+        raise ManifestTooLarge("manifest larger than 4 MiB")
     data = bytearray()
-    async for chunk in body:
+    async for chunk in client_body(body, declared, idle, errors.ManifestInvalid):
         data += chunk
         if len(data) > MAX_MANIFEST:
             raise ManifestTooLarge("manifest larger than 4 MiB")

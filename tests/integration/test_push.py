@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
+import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -297,6 +299,94 @@ def test_docker_logs_in_to_the_mirror_and_pushes_through_it(
 
 
 # -- hardening: hostile input, broken clients, full disks, deletes, orphans, ownership --------
+
+
+def request(port: int, method: str, target: str, headers: dict[str, str], body: bytes = b"",
+            timeout: float = 30) -> tuple[int | None, dict[str, str], bytes]:
+    """One raw HTTP/1.1 request (headers as latin-1, as sent), read to EOF."""
+    head = f"{method} {target} HTTP/1.1\r\nHost: mirror\r\nConnection: close\r\n" + "".join(
+        f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+    data = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(head.encode("latin-1") + body)
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(1 << 16):
+                data += chunk
+    if not data:
+        return None, {}, b""
+    top, _, rest = data.partition(b"\r\n\r\n")
+    lines = top.decode("latin-1").split("\r\n")
+    fields = {k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:])}
+    return int(lines[0].split(" ")[1]), fields, rest
+
+
+def oci_error(body: bytes) -> dict[str, str]:
+    first = json.loads(body)["errors"][0]
+    assert first["code"] and first["message"]
+    return dict(first)
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def parts(cache: Path) -> list[Path]:
+    return list((cache / "tmp").glob("upload-*.part"))
+
+
+def test_a_client_dropping_mid_patch_is_one_log_line_and_a_cancelled_session(
+    upstream: Upstream, start_mirror: StartMirror
+) -> None:
+    mirror = start_mirror()
+    auth = bearer(mirror.url, "team/dropped")
+    with httpx.Client(base_url=mirror.url, headers=auth, timeout=30) as client:
+        location = client.post("/v2/team/dropped/blobs/uploads/").headers["location"]
+        mark = upstream.registry.mark()
+        head = (f"PATCH {location} HTTP/1.1\r\nHost: mirror\r\nAuthorization: "
+                f"{auth['Authorization']}\r\nContent-Length: {8 * MiB}\r\n\r\n").encode()
+        with socket.create_connection(("127.0.0.1", mirror.port)) as sock:
+            sock.sendall(head + os.urandom(2 * MiB))
+            # Mid-body for sure: the first MiB was written through.
+            wait_for(lambda: any(p.stat().st_size >= MiB for p in parts(mirror.cache_dir)),
+                     "the write-through file")
+        wait_for(lambda: "went away" in mirror.log_text(), "the log line")
+        assert client.get(location).status_code == 404
+        uploads = [r for r in upstream.registry.requests(since=mark)
+                   if "/team/dropped/blobs/uploads/" in r.path]
+        assert [r.method for r in uploads] == ["PATCH", "DELETE"], uploads
+        assert parts(mirror.cache_dir) == []
+        # The next push works.
+        data = os.urandom(100_000)
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        location = client.post("/v2/team/dropped/blobs/uploads/").headers["location"]
+        done = client.put(location, params={"digest": digest}, content=data)
+        assert done.status_code == 201, done.text
+    log = mirror.log_text()
+    assert len([line for line in log.splitlines() if "went away" in line]) == 1, log[-3000:]
+    assert "Traceback" not in log and "internal error" not in log, log[-3000:]
+
+
+def test_a_body_shorter_than_its_content_length_is_answered_400_not_left_hanging(
+    upstream: Upstream, start_mirror: StartMirror
+) -> None:
+    mirror = start_mirror(env={"MIRROR_READ_TIMEOUT": "1"})
+    auth = bearer(mirror.url, "team/short")
+    location = httpx.post(f"{mirror.url}/v2/team/short/blobs/uploads/",
+                          headers=auth).headers["location"]
+    began = time.monotonic()
+    status, _, body = request(mirror.port, "PATCH", location,
+                              {**auth, "Content-Length": "100"}, b"x" * 10)
+    assert status == 400, body
+    error = oci_error(body)
+    assert error["code"] == "BLOB_UPLOAD_INVALID" and "sent nothing" in error["message"]
+    status, _, body = request(mirror.port, "PUT", "/v2/team/short/manifests/1", {
+        **auth, "Content-Length": "100", "Content-Type": "application/json"}, b"{" * 10)
+    assert status == 400 and oci_error(body)["code"] == "MANIFEST_INVALID", body
+    assert time.monotonic() - began < 15
+    assert httpx.get(f"{mirror.url}{location}", headers=auth).status_code == 404
 
 
 def test_a_users_delete_leaves_content_another_repository_shares_cached(

@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -82,6 +84,66 @@ def uploads_dir(cache: Path) -> list[str]:
     return sorted(p.name for p in (cache / "tmp").glob("upload-*.part"))
 
 
+def disconnecting(after: int) -> Callable[[ASGI], ASGI]:
+    """Wrap an app: its client goes away once `after` request body bytes came through,
+    as uvicorn tells an app whose client dropped the connection."""
+
+    def wrap(app: ASGI) -> ASGI:
+        async def wrapped(scope: Scope, receive: Callable[[], Awaitable[Message]],
+                          send: Callable[[Message], Awaitable[None]]) -> None:
+            if scope["type"] != "http" or scope["method"] != "PATCH":
+                await app(scope, receive, send)
+                return
+            seen = 0
+
+            async def cut_receive() -> Message:
+                nonlocal seen
+                if seen >= after:
+                    return {"type": "http.disconnect"}
+                message = await receive()
+                seen += len(message.get("body", b""))
+                return message
+
+            await app(scope, cut_receive, send)
+
+        return wrapped
+
+    return wrap
+
+
+def test_a_client_dropping_mid_patch_cancels_the_session_and_logs_one_line(
+    fake: PushUpstream, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def body() -> AsyncIterator[bytes]:
+        for _ in range(8):
+            yield os.urandom(256 * 1024)
+
+    async def scenario() -> None:
+        async with mirror(fake, tmp_path / "cache", wrap=disconnecting(512 * 1024)) as client:
+            location = await open_session(client)
+            caplog.clear()
+            with caplog.at_level(logging.INFO):
+                await client.patch(location, content=body(), headers=ALICE)
+            mine = [r for r in caplog.records if r.name.startswith("mirror")]
+            assert len(mine) == 1, [r.getMessage() for r in mine]
+            assert mine[0].levelno == logging.WARNING and not mine[0].exc_info
+            assert "went away" in mine[0].getMessage()
+            # The upstream session is cancelled, so is ours, and nothing is left in tmp/.
+            assert fake.count("DELETE", "/blobs/uploads/") == 1
+            assert fake.uploads == {}
+            again = await client.get(location, headers=ALICE)
+            assert again.status_code == 404
+            assert uploads_dir(tmp_path / "cache") == []
+            # The next push works.
+            data = os.urandom(100_000)
+            location = await open_session(client)
+            done = await client.put(location, content=data, headers=ALICE,
+                                    params={"digest": sha256(data)})
+            assert done.status_code == 201, done.text
+
+    run(scenario())
+
+
 # -- 2. a user's DELETE never evicts shared content ---------------------------------------------
 
 
@@ -143,5 +205,79 @@ def test_a_users_manifest_delete_leaves_content_others_share(fake: PushUpstream,
                 gone = await client.get(f"/v2/bob/app/manifests/{ref}", headers={**BOB, **accept})
                 assert gone.status_code == 404, (ref, gone.text)
                 assert error_of(gone)["code"] == "MANIFEST_UNKNOWN"
+
+    run(scenario())
+
+
+# -- 4. bodies: counted while they stream, and their declared length checked -----------------
+
+
+def test_a_body_longer_or_shorter_than_its_content_length_is_size_invalid(
+    fake: PushUpstream, tmp_path: Path
+) -> None:
+    async def scenario() -> None:
+        async with mirror(fake, tmp_path / "cache") as client:
+            for declared, sent in ((5, 10), (100, 10)):
+                location = await open_session(client)
+                lying = await client.patch(location, content=b"y" * sent, headers={
+                    **ALICE, "Content-Length": str(declared)})
+                assert lying.status_code == 400, lying.text
+                assert error_of(lying)["code"] == "SIZE_INVALID"
+                # The upstream got a broken body: its session is cancelled.
+                gone = await client.get(location, headers=ALICE)
+                assert gone.status_code == 404
+            assert fake.uploads == {}
+            for declared, sent in ((5, 10), (100, 10)):
+                manifest = await client.put("/v2/team/app/manifests/1", content=b"{" * sent,
+                                            headers={**ALICE, "Content-Type": OCI_MANIFEST,
+                                                     "Content-Length": str(declared)})
+                assert manifest.status_code == 400, manifest.text
+                assert error_of(manifest)["code"] in ("SIZE_INVALID", "MANIFEST_INVALID")
+            assert fake.count("PUT", "/manifests/") == 0
+
+    run(scenario())
+
+
+def test_a_client_silent_mid_body_is_answered_400(fake: PushUpstream, tmp_path: Path) -> None:
+    async def stalling() -> AsyncIterator[bytes]:
+        yield b"{"
+        await asyncio.sleep(30)
+
+    async def scenario() -> None:
+        async with mirror(fake, tmp_path / "cache", read_timeout=0.5) as client:
+            began = time.monotonic()
+            manifest = await client.put("/v2/team/app/manifests/1", content=stalling(),
+                                        headers={**ALICE, "Content-Type": OCI_MANIFEST})
+            assert manifest.status_code == 400, manifest.text
+            assert "sent nothing" in error_of(manifest)["message"]
+            location = await open_session(client)
+            patched = await client.patch(location, content=stalling(), headers=ALICE)
+            assert patched.status_code == 400, patched.text
+            assert error_of(patched)["code"] == "BLOB_UPLOAD_INVALID"
+            assert time.monotonic() - began < 10
+
+    run(scenario())
+
+
+def test_chunked_bodies_are_forwarded_and_counted(fake: PushUpstream, tmp_path: Path) -> None:
+    data = os.urandom(3 * MiB)
+
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: chunked
+        for start in range(0, len(data), MiB):
+            yield data[start:start + MiB]
+
+    async def scenario() -> None:
+        async with mirror(fake, tmp_path / "cache", max_layer_size=2 * MiB) as client:
+            location = await open_session(client)
+            closed = await client.put(location, content=chunks(), headers=ALICE,
+                                      params={"digest": sha256(data)})
+            assert closed.status_code == 413, closed.text
+            assert error_of(closed)["code"] == "SIZE_INVALID"
+        async with mirror(fake, tmp_path / "cache") as client:
+            location = await open_session(client)
+            closed = await client.put(location, content=chunks(), headers=ALICE,
+                                      params={"digest": sha256(data)})
+            assert closed.status_code == 201, closed.text
+            assert fake.blobs[sha256(data)] == data
 
     run(scenario())
