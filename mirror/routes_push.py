@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -24,6 +25,9 @@ from mirror.uploads import ClientGone, Forwarded, Uploads, read_manifest
 from mirror.upstream import UpstreamClient, upstream_error
 
 log = logging.getLogger("mirror.routes_push")
+# RFC 6838 type/subtype, ASCII only: it goes into upstream request headers and our answers.
+MEDIA_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
+                        r"/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}")
 
 
 class PushHandlers:
@@ -57,10 +61,11 @@ class PushHandlers:
 
     async def start(self, request: Request) -> Response:
         client, repo, name, credential = self._writer(request)
-        query = dict(request.query_params)
-        if "from" in query:
-            query["from"] = check_name(client.upstream.repository(query["from"]))
-        result = await self.uploads.start(client, repo, name, credential, query,
+        query = request.query_params
+        params = {k: str(parse_digest(query[k])) for k in ("digest", "mount") if k in query}
+        if "mount" in params and "from" in query:
+            params["from"] = check_name(client.upstream.repository(query["from"]))
+        result = await self.uploads.start(client, repo, name, credential, params,
                                           request.stream(), body_length(request))
         if result.status == 201:
             self.access.link(client.name, repo, [result.headers["Docker-Content-Digest"]])
@@ -107,7 +112,7 @@ class PushHandlers:
         except ClientGone:
             log.warning("client went away mid-body: manifest push to %s:%s", repo, reference)
             raise errors.ManifestInvalid("client went away mid-upload") from None
-        media_type = media_type_of(data, request.headers.get("content-type"))
+        media_type = pushed_media_type(data, request.headers.get("content-type"))
         if isinstance(reference, Digest) and hashlib.new(
                 reference.algorithm, data).hexdigest() != reference.hex:
             raise errors.DigestInvalid(f"manifest does not match {reference}")
@@ -137,11 +142,22 @@ class PushHandlers:
         return Response(status_code=202, headers=API_VERSION)
 
 
+def pushed_media_type(data: bytes, content_type: str | None) -> str:
+    """The media type to push a manifest with: its Content-Type if that is one, else the
+    document's own; refused (400) if neither is a valid media type."""
+    declared = (content_type or "").split(";")[0].strip()
+    media_type = media_type_of(data, content_type if MEDIA_TYPE.fullmatch(declared) else None)
+    if not MEDIA_TYPE.fullmatch(media_type):
+        raise errors.ManifestInvalid(f"invalid manifest media type {media_type[:100]!r}")
+    return media_type
+
+
 def content_length(request: Request) -> int | None:
     value = request.headers.get("content-length")
     if value is None:
         return None
-    if not value.isdigit() or len(value) > 18:
+    # ASCII digits only: str.isdigit() also takes '²', which int() refuses.
+    if not (value.isascii() and value.isdigit()) or len(value) > 18:
         raise errors.SizeInvalid(f"bad Content-Length {value[:30]!r}")
     return int(value)
 

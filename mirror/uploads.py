@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -27,7 +28,7 @@ from starlette.requests import ClientDisconnect
 
 from mirror import errors
 from mirror.metrics import Metrics
-from mirror.reference import Digest
+from mirror.reference import Digest, parse_digest
 from mirror.store import Store
 from mirror.tokens import Credential
 from mirror.upstream import UpstreamClient, upstream_error
@@ -36,6 +37,9 @@ from mirror.writethrough import Tee, WriteThrough
 log = logging.getLogger("mirror.uploads")
 MAX_MANIFEST = 4 * 1024 * 1024
 EXPIRED_KEPT = 3600.0  # how long a timed-out session's id still explains itself
+_DIGITS = r"[0-9]{1,18}"  # ASCII only: str.isdigit() also accepts '²', which int() refuses
+_CONTENT_RANGE = re.compile(rf"(?:bytes )?({_DIGITS})-({_DIGITS})(?:/(?:\*|{_DIGITS}))?")
+_UPSTREAM_RANGE = re.compile(rf"(?:bytes=)?0-({_DIGITS})")
 
 
 class UploadInvalid(errors.RegistryError):
@@ -72,6 +76,25 @@ class Forwarded:
     status: int
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes = b""
+
+
+def parse_content_range(value: str) -> tuple[int, int]:
+    """A PATCH's `Content-Range: <start>-<end>` (inclusive), or 416 RANGE_INVALID."""
+    match = _CONTENT_RANGE.fullmatch(value.strip())
+    if not match or int(match.group(2)) < int(match.group(1)):
+        raise errors.RangeInvalid(f"malformed Content-Range {value[:40]!r}: "
+                                  "expected <start>-<end>")
+    return int(match.group(1)), int(match.group(2))
+
+
+def _upstream_offset(value: str | None) -> int | None:
+    """The next byte of an upload, from the upstream's `Range: 0-<last>`, if well-formed."""
+    match = _UPSTREAM_RANGE.fullmatch((value or "").strip())
+    return int(match.group(1)) + 1 if match else None
+
+
+def _range(offset: int) -> str:
+    return f"0-{max(offset - 1, 0)}"
 
 
 async def client_body(
@@ -248,16 +271,15 @@ class Uploads:
 
     async def start(
         self, client: UpstreamClient, repo: str, name: str, credential: Credential,
-        query: dict[str, str], body: AsyncIterator[bytes], length: int | None,
+        params: dict[str, str], body: AsyncIterator[bytes], length: int | None,
     ) -> Forwarded:
         """POST: open a session (or a monolithic upload with `digest`, or a mount).
 
-        `length` None: a chunked body.
+        `params`: `digest`, `mount` and `from`, already checked. `length` None: chunked.
         """
         self._check_declared(length, 0)
         started = time.time()
         path = f"/v2/{repo}/blobs/uploads/"
-        params = {k: v for k, v in query.items() if k in ("digest", "mount", "from")}
         outgoing = None
         if "digest" in params and length != 0:
             outgoing = Outgoing(client_body(body, length, self.idle, UploadInvalid), 0,
@@ -267,7 +289,10 @@ class Uploads:
             length=length, deadline=asyncio.get_running_loop().time() + self.timeout)
         if response.status_code == 201:
             self._count("ok")
-            digest = response.headers.get("docker-content-digest", params.get("digest", ""))
+            digest = _digest_header(response) or params.get("digest") or params.get("mount")
+            if digest is None:
+                raise errors.UpstreamError(f"upstream {client.name} accepted a blob for "
+                                           f"{repo} without saying which")
             return Forwarded(201, {"Location": f"/v2/{name}/blobs/{digest}",
                                    "Docker-Content-Digest": digest})
         if response.status_code != 202:
@@ -285,25 +310,29 @@ class Uploads:
         body: AsyncIterator[bytes], length: int | None, content_range: str | None,
     ) -> Forwarded:
         start = session.offset
-        if content_range:
-            first = content_range.split("-")[0].strip()
-            if not first.isdigit() or int(first) != session.offset:
-                return Forwarded(416, {**self._ours(session, name),
-                                       "Range": f"0-{max(session.offset - 1, 0)}"})
+        headers = {}
+        if content_range is not None:
+            first, last = parse_content_range(content_range)
+            if first != session.offset:
+                raise errors.RangeInvalid(
+                    f"chunk starts at byte {first}; the upload is at byte {session.offset}",
+                    headers={**self._ours(session, name), "Range": _range(session.offset)})
+            if length is not None and length != last - first + 1:
+                raise errors.SizeInvalid("Content-Length does not match Content-Range")
+            length = last - first + 1
+            headers["Content-Range"] = f"{first}-{last}"
         self._check_declared(length, start)
         outgoing = Outgoing(client_body(body, length, self.idle, UploadInvalid), start,
                             self.max_size, self.kept.tee(session.id, start))
         response = await self._send(
             client, "PATCH", session.location, session.repo, credential,
             body=outgoing, length=length, deadline=self._deadline(session),
-            headers={"Content-Range": content_range} if content_range else None,
-            session=session)
+            headers=headers, session=session)
         if response.status_code != 202:
             raise upstream_error(response, client.name, errors.BlobUploadUnknown,
                                  f"upload to {session.repo}", response.content)
-        session = self._advance(session, response)
-        return Forwarded(202, {**self._ours(session, name),
-                               "Range": response.headers.get("range", f"0-{session.offset - 1}"),
+        session = self._advance(session, response, outgoing.sent)
+        return Forwarded(202, {**self._ours(session, name), "Range": _range(session.offset),
                                "Content-Length": "0"})
 
     async def finish(
@@ -338,8 +367,9 @@ class Uploads:
         if response.status_code not in (200, 204):
             raise upstream_error(response, client.name, errors.BlobUploadUnknown,
                                  f"upload to {session.repo}", response.content)
+        offset = _upstream_offset(response.headers.get("range"))
         return Forwarded(204, {**self._ours(session, name),
-                               "Range": response.headers.get("range", "0-0")})
+                               "Range": _range(session.offset if offset is None else offset)})
 
     async def cancel(
         self, client: UpstreamClient, session: Session, credential: Credential | None
@@ -401,11 +431,13 @@ class Uploads:
             self._count("too_large" if isinstance(body.failure, TooLarge) else "error")
             raise body.failure from None
 
-    def _advance(self, session: Session, response: httpx.Response) -> Session:
-        end = response.headers.get("range", "").rpartition("-")[2]
-        offset = int(end) + 1 if end.isdigit() else session.offset
+    def _advance(self, session: Session, response: httpx.Response, sent: int) -> Session:
+        """The session after a PATCH the upstream accepted: where it is, and its URL."""
+        offset = _upstream_offset(response.headers.get("range"))
         location = response.headers.get("location")
-        session = replace(session, offset=offset, location=urljoin(session.location, location)
+        # The upstream's word, else what we forwarded (an upstream answering nonsense).
+        session = replace(session, offset=session.offset + sent if offset is None else offset,
+                          location=urljoin(session.location, location)
                           if location else session.location)
         self._save(session)
         return session
@@ -413,6 +445,13 @@ class Uploads:
     def _count(self, outcome: str) -> None:
         if self.metrics is not None:
             self.metrics.uploads.labels(outcome).inc()
+
+
+def _digest_header(response: httpx.Response) -> str | None:
+    try:
+        return str(parse_digest(response.headers.get("docker-content-digest", "")))
+    except errors.DigestInvalid:
+        return None
 
 
 async def read_manifest(body: AsyncIterator[bytes], declared: int | None,

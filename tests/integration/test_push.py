@@ -337,6 +337,31 @@ def parts(cache: Path) -> list[Path]:
     return list((cache / "tmp").glob("upload-*.part"))
 
 
+def test_hostile_push_headers_get_oci_errors_never_a_crash(
+    upstream: Upstream, start_mirror: StartMirror
+) -> None:
+    mirror = start_mirror()
+    auth = bearer(mirror.url, "team/hostile")
+    location = httpx.post(f"{mirror.url}/v2/team/hostile/blobs/uploads/",
+                          headers=auth).headers["location"]
+    # '²' passes str.isdigit() and fails int().
+    status, _, body = request(mirror.port, "PATCH", location, {
+        **auth, "Content-Range": "\xb2-10", "Content-Length": "11"}, b"0123456789a")
+    assert status in (400, 416), body
+    assert oci_error(body)["code"] in ("RANGE_INVALID", "BLOB_UPLOAD_INVALID")
+    status, _, body = request(mirror.port, "POST", "/v2/team/hostile/blobs/uploads/"
+                              "?digest=sha256:%C2%B2", {**auth, "Content-Length": "1"}, b"x")
+    assert status == 400 and oci_error(body)["code"] == "DIGEST_INVALID", body
+    document = json.dumps({"schemaVersion": 2, "mediaType": "caf\u00e9"}).encode()
+    for content_type in ("caf\xe9+json", "application/vnd.oci.image.manifest.v1+json\xe9"):
+        status, _, body = request(mirror.port, "PUT", "/v2/team/hostile/manifests/1", {
+            **auth, "Content-Type": content_type, "Content-Length": str(len(document))},
+            document)
+        assert status == 400 and oci_error(body)["code"] == "MANIFEST_INVALID", body
+    log = mirror.log_text()
+    assert "Traceback" not in log and "internal error" not in log, log[-3000:]
+
+
 def test_a_client_dropping_mid_patch_is_one_log_line_and_a_cancelled_session(
     upstream: Upstream, start_mirror: StartMirror
 ) -> None:

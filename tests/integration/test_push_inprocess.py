@@ -84,6 +84,85 @@ def uploads_dir(cache: Path) -> list[str]:
     return sorted(p.name for p in (cache / "tmp").glob("upload-*.part"))
 
 
+# -- 1. bad headers are OCI errors, never a 500 -------------------------------------------------
+
+
+def test_non_ascii_digits_in_push_headers_are_oci_errors(fake: PushUpstream,
+                                                         tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with mirror(fake, tmp_path / "cache") as client:
+            location = await open_session(client)
+            # '²'.isdigit() is true, int('²') fails: each must be a 4xx with an OCI body.
+            bad_range = await client.patch(location, content=b"0123456789a", headers={
+                **ALICE, "Content-Range": "\xb2-10".encode("latin-1")})
+            assert bad_range.status_code in (400, 416), bad_range.text
+            assert error_of(bad_range)["code"] in ("BLOB_UPLOAD_INVALID", "RANGE_INVALID")
+            bad_length = await client.patch(location, content=b"x", headers={
+                **ALICE, "Content-Length": "\xb2".encode("latin-1")})
+            assert bad_length.status_code == 400, bad_length.text
+            assert error_of(bad_length)["code"] == "SIZE_INVALID"
+            bad_digest = await client.post(
+                "/v2/team/app/blobs/uploads/", headers=ALICE, content=b"x",
+                params={"digest": "sha256:" + "\xb2" * 64})
+            assert bad_digest.status_code == 400, bad_digest.text
+            assert error_of(bad_digest)["code"] == "DIGEST_INVALID"
+            bad_mount = await client.post(
+                "/v2/team/app/blobs/uploads/", headers=ALICE,
+                params={"mount": "sha256:\xb2", "from": "team/other"})
+            assert bad_mount.status_code == 400, bad_mount.text
+            assert error_of(bad_mount)["code"] == "DIGEST_INVALID"
+            # The session survived all that.
+            good = await client.patch(location, content=b"abc", headers={
+                **ALICE, "Content-Range": "0-2"})
+            assert good.status_code == 202, good.text
+            assert good.headers["range"] == "0-2"
+            # Out of order: 416 with an OCI body, and where the upload really is.
+            wrong = await client.patch(good.headers["location"], content=b"de", headers={
+                **ALICE, "Content-Range": "7-8"})
+            assert wrong.status_code == 416
+            assert error_of(wrong)["code"] == "RANGE_INVALID"
+            assert wrong.headers["range"] == "0-2"
+
+    run(scenario())
+
+
+def test_a_garbled_range_from_the_upstream_is_not_a_crash(fake: PushUpstream,
+                                                           tmp_path: Path) -> None:
+    fake.patch_range = "0-\xb2\xb3"
+
+    async def scenario() -> None:
+        async with mirror(fake, tmp_path / "cache") as client:
+            location = await open_session(client)
+            patched = await client.patch(location, content=b"abcd", headers=ALICE)
+            assert patched.status_code == 202, patched.text
+            assert patched.headers["range"] == "0-3"  # what we forwarded, counted here
+            status = await client.get(patched.headers["location"], headers=ALICE)
+            assert status.status_code == 204, status.text
+            assert status.headers["range"] == "0-3"
+            done = await client.put(patched.headers["location"], headers=ALICE,
+                                    params={"digest": sha256(b"abcd")})
+            assert done.status_code == 201, done.text
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("content_type", [b"application/vnd.oci.image.manifest.v1+json\xe9",
+                                          b"caf\xe9+json", b"\xe9/x"])
+def test_a_non_ascii_manifest_content_type_is_manifest_invalid(
+    fake: PushUpstream, tmp_path: Path, content_type: bytes
+) -> None:
+    async def scenario() -> None:
+        async with mirror(fake, tmp_path / "cache") as client:
+            data = json.dumps({"schemaVersion": 2, "mediaType": "caf\u00e9"}).encode()
+            pushed = await client.put("/v2/team/app/manifests/1", content=data,
+                                      headers={**ALICE, "Content-Type": content_type})
+            assert pushed.status_code == 400, pushed.text
+            assert error_of(pushed)["code"] == "MANIFEST_INVALID"
+            assert fake.count("PUT", "/manifests/") == 0
+
+    run(scenario())
+
+
 def disconnecting(after: int) -> Callable[[ASGI], ASGI]:
     """Wrap an app: its client goes away once `after` request body bytes came through,
     as uvicorn tells an app whose client dropped the connection."""

@@ -10,7 +10,25 @@ import pytest
 from starlette.requests import ClientDisconnect
 
 from mirror import errors
-from mirror.uploads import ClientGone, client_body
+from mirror.uploads import ClientGone, client_body, parse_content_range
+
+
+@pytest.mark.parametrize(("value", "span"), [
+    ("0-0", (0, 0)), ("0-1048575", (0, 1048575)), ("5-9", (5, 9)),
+    ("bytes 5-9/*", (5, 9)), (" 5-9 ", (5, 9)),
+])
+def test_content_ranges(value: str, span: tuple[int, int]) -> None:
+    assert parse_content_range(value) == span
+
+
+@pytest.mark.parametrize("value", [
+    "\xb2-10", "0-\xb3", "\u0661-\u0662", "x", "", "-1-5", "5-2", "5-", "-5", "1-2-3",
+    "9" * 19 + "-" + "9" * 19, "0-10;x",
+])
+def test_malformed_content_ranges_are_range_invalid(value: str) -> None:
+    with pytest.raises(errors.RangeInvalid) as info:
+        parse_content_range(value)
+    assert info.value.status == 416
 
 
 async def chunks(*parts: bytes, then: BaseException | None = None) -> AsyncIterator[bytes]:
