@@ -2,17 +2,22 @@
 
 Each upload session the upstream opens gets an id of ours (random, unguessable); the
 client only ever sees `/v2/<name>/blobs/uploads/<id>`, which maps to that one upstream
-session and nothing else. Sessions live in a small diskcache so every worker knows them.
-Bodies stream through (never whole in memory), counted against the size limit and their
-declared length, and are teed into the cache (`mirror.writethrough`), so the first pull
-after a push is a hit.
+session and nothing else, and only for the caller that opened it. Sessions live in a small
+diskcache so every worker knows them. Bodies stream through (never whole in memory),
+counted against the size limit and their declared length, and are teed into the cache
+(`mirror.writethrough`), so the first pull after a push is a hit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import collections
 import contextlib
 import dataclasses
+import hashlib
+import json
 import logging
 import re
 import secrets
@@ -20,7 +25,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from urllib.parse import urljoin
+from urllib.parse import urljoin, urlsplit
 
 import diskcache
 import httpx
@@ -37,9 +42,14 @@ from mirror.writethrough import Tee, WriteThrough
 log = logging.getLogger("mirror.uploads")
 MAX_MANIFEST = 4 * 1024 * 1024
 EXPIRED_KEPT = 3600.0  # how long a timed-out session's id still explains itself
+# Open sessions one worker holds: per caller (a CI pushing many images at once stays far
+# below), and in all. Past either, a new upload is refused with 429 until some finish.
+MAX_SESSIONS_PER_CALLER = 256
+MAX_SESSIONS = 10_000
 _DIGITS = r"[0-9]{1,18}"  # ASCII only: str.isdigit() also accepts '²', which int() refuses
 _CONTENT_RANGE = re.compile(rf"(?:bytes )?({_DIGITS})-({_DIGITS})(?:/(?:\*|{_DIGITS}))?")
 _UPSTREAM_RANGE = re.compile(rf"(?:bytes=)?0-({_DIGITS})")
+_SESSION_ID = re.compile(r"[0-9a-f]{32}")
 
 
 class UploadInvalid(errors.RegistryError):
@@ -65,6 +75,7 @@ class Session:
     repo: str
     location: str  # the upstream's absolute URL of this upload
     started: float  # time.time() of the POST
+    owner: str = ""  # `owner_of` the caller that opened it
     offset: int = 0  # bytes the upstream acknowledged
     expired: bool = False
 
@@ -76,6 +87,40 @@ class Forwarded:
     status: int
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes = b""
+
+
+def owner_of(credential: Credential) -> str:
+    """Whom a session belongs to: a hash naming the caller, never the secret itself.
+
+    A Bearer token that is a JWT names its account (`iss`, `sub`): bound to that, a session
+    outlives the client fetching a fresh token mid-push. The claims are not verified here,
+    but every request on a session goes upstream with the caller's own token, and the
+    upstream verifies it there. Any other token, or Basic credentials, count as a whole.
+    """
+    if credential.bearer:
+        account = _token_account(credential.bearer)
+        name = f"jwt\0{account}" if account else f"bearer\0{credential.bearer}"
+    elif credential.basic is not None:
+        name = "basic\0" + credential.basic._auth_header
+    else:
+        name = "anonymous"
+    return hashlib.sha256(name.encode()).hexdigest()
+
+
+def _token_account(token: str) -> str | None:
+    parts = token.split(".")
+    if len(parts) != 3 or len(parts[1]) > 16384:
+        return None
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (ValueError, binascii.Error):
+        return None
+    if not isinstance(claims, dict):
+        return None
+    issuer, subject = claims.get("iss"), claims.get("sub")
+    if not isinstance(subject, str) or not subject or not isinstance(issuer, str | None):
+        return None
+    return f"{issuer or ''}\0{subject}"
 
 
 def parse_content_range(value: str) -> tuple[int, int]:
@@ -176,26 +221,63 @@ class Uploads:
         self.max_size = max_size
         self.idle = idle  # how long a client may stay silent mid-body
         self.kept = WriteThrough(store)
-        self._credentials: dict[str, Credential] = {}
+        # Sessions this worker serves: their caller's credential (in memory only, to cancel
+        # them in time) and owner; and, per owner, how many.
+        self._held: dict[str, tuple[Credential, str]] = {}
+        self._per_owner: collections.Counter[str] = collections.Counter()
 
     def close(self) -> None:
         self.sessions.close()
+
+    # -- session records -----------------------------------------------------------------
+
+    def _load(self, session_id: str) -> Session | None:
+        value = self.sessions.get(session_id)
+        if not isinstance(value, dict):
+            return None
+        try:
+            return Session(**value)
+        except TypeError:  # a record of another version of ours: unknown
+            return None
+
+    def _save(self, session: Session) -> None:
+        self.sessions.set(session.id, dataclasses.asdict(session),
+                          expire=self.timeout + EXPIRED_KEPT)
+
+    def _drop(self, session_id: str) -> None:
+        self._release(session_id)
+        self.sessions.delete(session_id)
+
+    def _hold(self, session_id: str, credential: Credential, owner: str) -> None:
+        if session_id not in self._held:
+            self._per_owner[owner] += 1
+        self._held[session_id] = (credential, owner)
+
+    def _release(self, session_id: str) -> None:
+        held = self._held.pop(session_id, None)
+        if held is not None:
+            self._per_owner[held[1]] -= 1
+            if self._per_owner[held[1]] <= 0:
+                del self._per_owner[held[1]]
 
     # -- sessions ------------------------------------------------------------------------
 
     async def get(
         self, client: UpstreamClient, session_id: str, repo: str, credential: Credential
     ) -> Session:
-        """The session behind one of our upload URLs, if it is this repository's and alive."""
-        value = self.sessions.get(session_id) if len(session_id) == 32 else None
-        if not isinstance(value, dict) or (value["upstream"], value["repo"]) != (
-                client.name, repo):
+        """The session behind one of our upload URLs, if it is this repository's, this
+        caller's, and alive."""
+        session = self._load(session_id) if _SESSION_ID.fullmatch(session_id) else None
+        owner = owner_of(credential)
+        if (session is None or (session.upstream, session.repo) != (client.name, repo)
+                or not secrets.compare_digest(session.owner, owner)):
             raise errors.BlobUploadUnknown("no such upload session")
-        session = Session(**value)
-        self._credentials[session.id] = credential  # in memory only, to cancel it in time
-        if not session.expired and time.time() - session.started > self.timeout:
-            await self._expire(client, session, credential)
-        if session.expired or time.time() - session.started > self.timeout:
+        if not session.expired:
+            self._hold(session.id, credential, owner)  # to cancel it in time
+            if time.time() - session.started > self.timeout:
+                await self._expire(client, session, credential)
+                session = replace(session, expired=True)
+        if session.expired:
             raise self._too_late()
         return session
 
@@ -207,6 +289,7 @@ class Uploads:
         self, client: UpstreamClient, session: Session, credential: Credential | None
     ) -> None:
         self._count("timeout")
+        self._release(session.id)
         await self._cancel_upstream(client, session, credential)
         self.kept.discard(session.id)
         self._save(replace(session, expired=True))
@@ -238,25 +321,16 @@ class Uploads:
 
     async def sweep(self, clients: dict[str, UpstreamClient]) -> None:
         """Cancel, upstream, the sessions this process served that ran out of time."""
-        for session_id, credential in list(self._credentials.items()):
-            value = self.sessions.get(session_id)
-            if not isinstance(value, dict):
-                self._credentials.pop(session_id, None)
-                continue
-            session = Session(**value)
-            if session.expired:
-                self._credentials.pop(session_id, None)
-            elif time.time() - session.started > self.timeout:
-                self._credentials.pop(session_id, None)
-                await self._expire(clients[session.upstream], session, credential)
-
-    def _save(self, session: Session) -> None:
-        self.sessions.set(session.id, dataclasses.asdict(session),
-                          expire=self.timeout + EXPIRED_KEPT)
-
-    def _drop(self, session_id: str) -> None:
-        self.sessions.delete(session_id)
-        self._credentials.pop(session_id, None)
+        now = time.time()
+        for session_id, (credential, _) in list(self._held.items()):
+            session = self._load(session_id)
+            if session is None or session.expired:
+                self._release(session_id)
+            elif now - session.started > self.timeout:
+                if session.upstream in clients:
+                    await self._expire(clients[session.upstream], session, credential)
+                else:
+                    self._release(session_id)
 
     def _ours(self, session: Session, name: str) -> dict[str, str]:
         return {"Location": f"/v2/{name}/blobs/uploads/{session.id}",
@@ -278,6 +352,12 @@ class Uploads:
         `params`: `digest`, `mount` and `from`, already checked. `length` None: chunked.
         """
         self._check_declared(length, 0)
+        owner = owner_of(credential)
+        if (self._per_owner[owner] >= MAX_SESSIONS_PER_CALLER
+                or len(self._held) >= MAX_SESSIONS):
+            raise errors.TooManyRequests(
+                "too many uploads open at once; finish or cancel some first",
+                headers={"Retry-After": "10"})
         started = time.time()
         path = f"/v2/{repo}/blobs/uploads/"
         outgoing = None
@@ -298,10 +378,11 @@ class Uploads:
         if response.status_code != 202:
             raise upstream_error(response, client.name, errors.NameUnknown,
                                  f"upload to {repo}", response.content)
-        location = urljoin(client.upstream.url + path, response.headers.get("location", ""))
-        session = Session(secrets.token_hex(16), client.name, repo, location, started)
+        location = _on_origin(client, urljoin(client.upstream.url + path,
+                                              response.headers.get("location", "")))
+        session = Session(secrets.token_hex(16), client.name, repo, location, started, owner)
         self._save(session)
-        self._credentials[session.id] = credential
+        self._hold(session.id, credential, owner)
         return Forwarded(202, {**self._ours(session, name), "Range": "0-0",
                                "Content-Length": "0"})
 
@@ -331,7 +412,7 @@ class Uploads:
         if response.status_code != 202:
             raise upstream_error(response, client.name, errors.BlobUploadUnknown,
                                  f"upload to {session.repo}", response.content)
-        session = self._advance(session, response, outgoing.sent)
+        session = await self._advance(client, session, credential, response, outgoing.sent)
         return Forwarded(202, {**self._ours(session, name), "Range": _range(session.offset),
                                "Content-Length": "0"})
 
@@ -372,11 +453,14 @@ class Uploads:
                                "Range": _range(session.offset if offset is None else offset)})
 
     async def cancel(
-        self, client: UpstreamClient, session: Session, credential: Credential | None
+        self, client: UpstreamClient, session: Session, credential: Credential
     ) -> Forwarded:
-        with contextlib.suppress(errors.RegistryError):
-            await client.send("DELETE", session.location, repo=session.repo,
-                              credential=credential, actions="pull,push")
+        """DELETE by the client: forgotten here once the upstream agrees (or never knew)."""
+        response = await client.send("DELETE", session.location, repo=session.repo,
+                                     credential=credential, actions="pull,push")
+        if response.status_code not in (200, 202, 204, 404):
+            raise upstream_error(response, client.name, errors.BlobUploadUnknown,
+                                 f"upload to {session.repo}", response.content)
         self.kept.discard(session.id)
         self._drop(session.id)
         return Forwarded(204)
@@ -431,20 +515,36 @@ class Uploads:
             self._count("too_large" if isinstance(body.failure, TooLarge) else "error")
             raise body.failure from None
 
-    def _advance(self, session: Session, response: httpx.Response, sent: int) -> Session:
+    async def _advance(
+        self, client: UpstreamClient, session: Session, credential: Credential,
+        response: httpx.Response, sent: int,
+    ) -> Session:
         """The session after a PATCH the upstream accepted: where it is, and its URL."""
         offset = _upstream_offset(response.headers.get("range"))
         location = response.headers.get("location")
+        try:
+            url = _on_origin(client, urljoin(session.location, location)) if location \
+                else session.location
+        except errors.UpstreamError:
+            await self._abandon(client, session, credential)
+            raise
         # The upstream's word, else what we forwarded (an upstream answering nonsense).
         session = replace(session, offset=session.offset + sent if offset is None else offset,
-                          location=urljoin(session.location, location)
-                          if location else session.location)
+                          location=url)
         self._save(session)
         return session
 
     def _count(self, outcome: str) -> None:
         if self.metrics is not None:
             self.metrics.uploads.labels(outcome).inc()
+
+
+def _on_origin(client: UpstreamClient, url: str) -> str:
+    """`url` if it is on the upstream's own origin (an upload URL elsewhere is refused)."""
+    if urlsplit(url)[:2] != urlsplit(client.upstream.url)[:2]:
+        raise errors.UpstreamError(
+            f"upstream {client.name} pointed an upload at another host")
+    return url
 
 
 def _digest_header(response: httpx.Response) -> str | None:

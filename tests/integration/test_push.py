@@ -440,3 +440,31 @@ def test_a_users_delete_leaves_content_another_repository_shares_cached(
         for path in (f"/v2/bob/app/blobs/{layer}", f"/v2/bob/app/manifests/{image.digest}"):
             gone = client.get(path, headers=bob)
             assert gone.status_code == 404, (path, gone.text)
+
+
+def test_an_upload_session_belongs_to_the_account_that_opened_it(
+    upstream: Upstream, start_mirror: StartMirror
+) -> None:
+    mirror = start_mirror()
+    alice = bearer(mirror.url, "team/shared")
+    bob = bearer(mirror.url, "team/shared", user=BOB)  # bob may push there too
+    location = httpx.post(f"{mirror.url}/v2/team/shared/blobs/uploads/",
+                          headers=alice).headers["location"]
+    mark = upstream.registry.mark()
+    data = b"alice's blob"
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    with httpx.Client(base_url=mirror.url) as client:
+        for method in ("GET", "PATCH", "PUT", "DELETE"):
+            stolen = client.request(method, location, headers=bob, content=b"bob's",
+                                    params={"digest": digest})
+            assert stolen.status_code == 404, (method, stolen.text)
+            assert stolen.json()["errors"][0]["code"] == "BLOB_UPLOAD_UNKNOWN"
+        assert [r for r in upstream.registry.requests(since=mark)
+                if "/blobs/uploads/" in r.path] == []
+        # Alice with a fresh token (as after a refresh mid-push) still owns it.
+        token = upstream.issuer.issue("alice", upstream.registry.service,
+                                      ["repository:team/shared:pull,push"])["token"]
+        fresh = {"Authorization": f"Bearer {token}"}
+        assert fresh != alice
+        done = client.put(location, headers=fresh, content=data, params={"digest": digest})
+        assert done.status_code == 201, done.text

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ import httpx
 import pytest
 from support.fake_pushes import PushUpstream, sha256
 
+from mirror import uploads as uploads_module
 from mirror.app import create_app
 from mirror.settings import Settings, Upstream
 
@@ -358,5 +360,81 @@ def test_chunked_bodies_are_forwarded_and_counted(fake: PushUpstream, tmp_path: 
                                       params={"digest": sha256(data)})
             assert closed.status_code == 201, closed.text
             assert fake.blobs[sha256(data)] == data
+
+    run(scenario())
+
+
+# -- 5. sessions belong to their caller; the upstream's Location stays on its origin ----------
+
+
+def test_an_upload_session_is_usable_only_by_the_caller_that_opened_it(
+    fake: PushUpstream, tmp_path: Path
+) -> None:
+    async def scenario() -> None:
+        async with mirror(fake, tmp_path / "cache") as client:
+            location = await open_session(client, "team/shared")
+            for method in ("GET", "PATCH", "PUT", "DELETE"):
+                stolen = await client.request(method, location, headers=BOB, content=b"evil",
+                                              params={"digest": sha256(b"evil")})
+                assert stolen.status_code == 404, (method, stolen.text)
+                assert error_of(stolen)["code"] == "BLOB_UPLOAD_UNKNOWN"
+            assert fake.count("PATCH") == fake.count("PUT") == fake.count("DELETE") == 0
+            done = await client.put(location, content=b"mine", headers=ALICE,
+                                    params={"digest": sha256(b"mine")})
+            assert done.status_code == 201, done.text
+
+    run(scenario())
+
+
+def test_open_sessions_per_caller_are_bounded(fake: PushUpstream, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with mirror(fake, tmp_path / "cache") as client:
+            locations = [await open_session(client)
+                         for _ in range(uploads_module.MAX_SESSIONS_PER_CALLER)]
+            refused = await client.post("/v2/team/app/blobs/uploads/", headers=ALICE)
+            assert refused.status_code == 429, refused.text
+            assert error_of(refused)["code"] == "TOOMANYREQUESTS"
+            assert fake.count("POST") == len(locations)  # refused before going upstream
+            await open_session(client, auth=BOB)  # others are not held back
+            # A cancelled one makes room again.
+            assert (await client.delete(locations[0], headers=ALICE)).status_code == 204
+            await open_session(client)
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("location", ["{other}/v2/{name}/blobs/uploads/{id}",
+                                      "//evil.example/v2/{name}/blobs/uploads/{id}",
+                                      "http://127.0.0.1@evil.example/{id}"])
+def test_an_upload_location_on_another_origin_is_refused(
+    fake: PushUpstream, tmp_path: Path, location: str
+) -> None:
+    fake.upload_location = location
+
+    async def scenario() -> None:
+        async with mirror(fake, tmp_path / "cache") as client:
+            started = await client.post("/v2/team/app/blobs/uploads/", headers=ALICE)
+            assert started.status_code == 502, started.text
+            assert error_of(started)["code"] == "UPSTREAM_ERROR"
+            assert "another host" in error_of(started)["message"]
+        assert fake.count("PATCH") == 0
+
+    run(scenario())
+
+
+def test_a_location_moving_to_another_origin_after_a_patch_is_refused(
+    fake: PushUpstream, tmp_path: Path
+) -> None:
+    async def scenario() -> None:
+        async with mirror(fake, tmp_path / "cache") as client:
+            location = await open_session(client)
+            fake.upload_location = "{other}/v2/{name}/blobs/uploads/{id}"
+            patched = await client.patch(location, content=b"abc", headers=ALICE)
+            assert patched.status_code == 502, patched.text
+            assert "another host" in error_of(patched)["message"]
+            hashed = hashlib.sha256(b"abc").hexdigest()
+            after = await client.put(location, headers=ALICE,
+                                     params={"digest": f"sha256:{hashed}"})
+            assert after.status_code in (400, 404), after.text
 
     run(scenario())

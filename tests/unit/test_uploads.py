@@ -4,13 +4,19 @@ session belongs to, and where upload URLs may point."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 from collections.abc import AsyncIterator
 
+import httpx
 import pytest
 from starlette.requests import ClientDisconnect
 
 from mirror import errors
-from mirror.uploads import ClientGone, client_body, parse_content_range
+from mirror.settings import Settings, Upstream
+from mirror.tokens import Credential
+from mirror.uploads import ClientGone, client_body, owner_of, parse_content_range
+from mirror.upstream import UpstreamClient
 
 
 @pytest.mark.parametrize(("value", "span"), [
@@ -66,3 +72,55 @@ def test_a_client_hanging_up_or_going_silent_mid_body() -> None:
     with pytest.raises(errors.ManifestInvalid) as info:
         asyncio.run(drain(client_body(silent(), 10, 0.05, errors.ManifestInvalid)))
     assert "after 2 of 10 bytes" in info.value.message
+
+
+def jwt(claims: dict[str, object]) -> str:
+    def part(data: dict[str, object]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(data).encode()).decode().rstrip("=")
+
+    return f"{part({'alg': 'RS256'})}.{part(claims)}.c2lnbmF0dXJl"
+
+
+def test_a_session_owner_is_the_account_a_token_names_not_the_token() -> None:
+    alice = owner_of(Credential(bearer=jwt({"iss": "hub", "sub": "alice", "jti": "1"})))
+    refreshed = owner_of(Credential(bearer=jwt({"iss": "hub", "sub": "alice", "jti": "2"})))
+    bob = owner_of(Credential(bearer=jwt({"iss": "hub", "sub": "bob", "jti": "1"})))
+    elsewhere = owner_of(Credential(bearer=jwt({"iss": "other", "sub": "alice"})))
+    assert alice == refreshed
+    assert len({alice, bob, elsewhere}) == 3
+    # Tokens naming nobody count whole; Basic credentials by user and password.
+    assert owner_of(Credential(bearer=jwt({"sub": ""}))) != owner_of(
+        Credential(bearer=jwt({"sub": "", "jti": "x"})))
+    assert owner_of(Credential(bearer="opaque-1")) != owner_of(Credential(bearer="opaque-2"))
+    assert owner_of(Credential(bearer="a.b.c")) != owner_of(Credential(bearer="a.b.d"))
+    basic = owner_of(Credential(basic=httpx.BasicAuth("alice", "pw")))
+    assert basic == owner_of(Credential(basic=httpx.BasicAuth("alice", "pw")))
+    assert basic != owner_of(Credential(basic=httpx.BasicAuth("alice", "other")))
+    assert "alice" not in alice and "pw" not in basic
+
+
+@pytest.mark.parametrize("url", [
+    "http://evil.example/v2/a/blobs/uploads/1", "https://registry.example/v2/a/blobs/uploads/1",
+    "http://registry.example:8080/v2/a/blobs/uploads/1",
+    "http://registry.example@evil.example/v2/a/blobs/uploads/1",
+])
+def test_absolute_upload_urls_off_the_upstreams_origin_are_never_contacted(url: str) -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(202)
+
+    upstream = Upstream("reg", "http://registry.example")
+    client = UpstreamClient(upstream, Settings(upstreams=(upstream,)))
+    client.http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+
+    async def send() -> None:
+        try:
+            await client.send("PATCH", url, repo="a", content=b"x", actions="pull,push")
+        finally:
+            await client.http.aclose()
+
+    with pytest.raises(errors.UpstreamError, match="another host"):
+        asyncio.run(send())
+    assert seen == []
