@@ -1,15 +1,19 @@
 """HTTP routing of writes: uploads, manifest pushes and deletes, forwarded upstream with
 the client's own credentials (a push never happens on the mirror's behalf).
 
-A delete only drops the repository's claim on content: other repositories may hold the
-very same blob or manifest.
+What the upstream accepted is the client's answer; keeping it in the cache is best effort
+(a full disk only means it is not cached). A delete only drops the repository's claim on
+content: other repositories may hold the very same blob or manifest.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import re
+import sqlite3
+from collections.abc import Callable, Iterator
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -21,7 +25,7 @@ from mirror.manifests import ManifestService, media_type_of
 from mirror.reference import Digest, check_name, check_reference, parse_digest
 from mirror.routes import API_VERSION, Handlers
 from mirror.tokens import Credential
-from mirror.uploads import ClientGone, Forwarded, Uploads, read_manifest
+from mirror.uploads import ClientGone, Forwarded, Uploads, disk_full, read_manifest
 from mirror.upstream import UpstreamClient, upstream_error
 
 log = logging.getLogger("mirror.routes_push")
@@ -68,7 +72,8 @@ class PushHandlers:
         result = await self.uploads.start(client, repo, name, credential, params,
                                           request.stream(), body_length(request))
         if result.status == 201:
-            self.access.link(client.name, repo, [result.headers["Docker-Content-Digest"]])
+            with best_effort(f"the link of {repo} to its new blob"):
+                self.access.link(client.name, repo, [result.headers["Docker-Content-Digest"]])
         return answer(result)
 
     async def session(self, request: Request) -> Response:
@@ -84,7 +89,8 @@ class PushHandlers:
             digest = parse_digest(request.query_params.get("digest", ""))
             result = await self.uploads.finish(client, session, name, credential, digest,
                                                request.stream(), length)
-            self.access.link(client.name, repo, [str(digest)])
+            with best_effort(f"the link of {repo} to {digest}"):
+                self.access.link(client.name, repo, [str(digest)])
         elif request.method == "GET":
             result = await self.uploads.status(client, session, name, credential)
         else:
@@ -102,9 +108,10 @@ class PushHandlers:
             if response.status_code not in (200, 202):
                 raise upstream_error(response, client.name, errors.ManifestUnknown,
                                      f"manifest {repo}@{reference}", response.content)
-            if isinstance(reference, Digest):
-                self.access.unlink(client.name, repo, str(reference))
-            self.manifests.deleted(client.name, repo, reference)
+            with best_effort(f"the deletion of {repo}@{reference}"):
+                if isinstance(reference, Digest):
+                    self.access.unlink(client.name, repo, str(reference))
+                self.manifests.deleted(client.name, repo, reference)
             return Response(status_code=202, headers=API_VERSION)
         try:
             data = await read_manifest(request.stream(), content_length(request),
@@ -123,11 +130,13 @@ class PushHandlers:
             raise upstream_error(response, client.name, errors.ManifestUnknown,
                                  f"manifest {repo}:{reference}", response.content)
         tag = None if isinstance(reference, Digest) else reference
-        info = self.manifests.pushed(client.name, repo, data, media_type, tag)
-        self.access.link_manifest(client.name, repo, info.digest, data)
+        digest = Digest("sha256", hashlib.sha256(data).hexdigest())
+        with best_effort(f"pushed manifest {repo}@{digest}", self.manifests.forget_tags):
+            info = self.manifests.pushed(client.name, repo, data, media_type, tag)
+            self.access.link_manifest(client.name, repo, info.digest, data)
         return Response(status_code=201, headers={
-            **API_VERSION, "Location": f"/v2/{name}/manifests/{info.digest}",
-            "Docker-Content-Digest": str(info.digest)})
+            **API_VERSION, "Location": f"/v2/{name}/manifests/{digest}",
+            "Docker-Content-Digest": str(digest)})
 
     async def delete_blob(self, request: Request) -> Response:
         client, repo, _, credential = self._writer(request, "pull,delete")
@@ -138,8 +147,26 @@ class PushHandlers:
             raise upstream_error(response, client.name, errors.BlobUnknown, f"blob {digest}",
                                  response.content)
         # Only this repository's claim goes: the content may be other repositories' too.
-        self.access.unlink(client.name, repo, str(digest))
+        with best_effort(f"the deletion of {repo}@{digest}"):
+            self.access.unlink(client.name, repo, str(digest))
         return Response(status_code=202, headers=API_VERSION)
+
+
+@contextlib.contextmanager
+def best_effort(
+    what: str, after_failure: Callable[[], object] | None = None
+) -> Iterator[None]:
+    """Cache bookkeeping after the upstream said yes: a full disk must not turn that yes
+    into an error for the client. `after_failure`: a callable to try then."""
+    try:
+        yield
+    except (OSError, sqlite3.OperationalError) as exc:
+        if not disk_full(exc):
+            raise
+        log.warning("cache disk full: %s not recorded", what)
+        if after_failure is not None:
+            with contextlib.suppress(OSError, sqlite3.OperationalError):
+                after_failure()
 
 
 def pushed_media_type(data: bytes, content_type: str | None) -> str:

@@ -21,10 +21,12 @@ import json
 import logging
 import re
 import secrets
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import diskcache
@@ -34,7 +36,7 @@ from starlette.requests import ClientDisconnect
 from mirror import errors
 from mirror.metrics import Metrics
 from mirror.reference import Digest, parse_digest
-from mirror.store import Store
+from mirror.store import DISK_FULL, Store
 from mirror.tokens import Credential
 from mirror.upstream import UpstreamClient, upstream_error
 from mirror.writethrough import Tee, WriteThrough
@@ -142,6 +144,13 @@ def _range(offset: int) -> str:
     return f"0-{max(offset - 1, 0)}"
 
 
+def disk_full(exc: BaseException) -> bool:
+    """Whether a write failed for want of room (a file's ENOSPC, or SQLite's own word)."""
+    if isinstance(exc, sqlite3.OperationalError):
+        return "full" in str(exc)
+    return isinstance(exc, OSError) and exc.errno in DISK_FULL
+
+
 async def client_body(
     stream: AsyncIterator[bytes], declared: int | None, idle: float,
     stalled: type[errors.RegistryError],
@@ -225,6 +234,8 @@ class Uploads:
         # them in time) and owner; and, per owner, how many.
         self._held: dict[str, tuple[Credential, str]] = {}
         self._per_owner: collections.Counter[str] = collections.Counter()
+        # Records that could not be written for want of disk: this worker's memory only.
+        self._local: dict[str, dict[str, Any]] = {}
 
     def close(self) -> None:
         self.sessions.close()
@@ -232,7 +243,9 @@ class Uploads:
     # -- session records -----------------------------------------------------------------
 
     def _load(self, session_id: str) -> Session | None:
-        value = self.sessions.get(session_id)
+        value = self._local.get(session_id)
+        if value is None:
+            value = self.sessions.get(session_id)
         if not isinstance(value, dict):
             return None
         try:
@@ -241,12 +254,28 @@ class Uploads:
             return None
 
     def _save(self, session: Session) -> None:
-        self.sessions.set(session.id, dataclasses.asdict(session),
-                          expire=self.timeout + EXPIRED_KEPT)
+        value = dataclasses.asdict(session)
+        try:
+            self.sessions.set(session.id, value, expire=self.timeout + EXPIRED_KEPT)
+        except (OSError, sqlite3.OperationalError) as exc:
+            if not disk_full(exc):
+                raise
+            if session.id not in self._local:
+                log.warning("cache disk full: upload %s known to this worker only",
+                            session.id)
+            self._local[session.id] = value
+        else:
+            self._local.pop(session.id, None)
 
     def _drop(self, session_id: str) -> None:
+        self._local.pop(session_id, None)
         self._release(session_id)
-        self.sessions.delete(session_id)
+        try:
+            self.sessions.delete(session_id)
+        except (OSError, sqlite3.OperationalError) as exc:
+            # On a full disk the record just runs out (its upstream session is gone).
+            if not disk_full(exc):
+                raise
 
     def _hold(self, session_id: str, credential: Credential, owner: str) -> None:
         if session_id not in self._held:
@@ -331,6 +360,9 @@ class Uploads:
                     await self._expire(clients[session.upstream], session, credential)
                 else:
                     self._release(session_id)
+        for session_id, value in list(self._local.items()):
+            if now - float(value.get("started", 0)) > self.timeout + EXPIRED_KEPT:
+                self._local.pop(session_id, None)
 
     def _ours(self, session: Session, name: str) -> dict[str, str]:
         return {"Location": f"/v2/{name}/blobs/uploads/{session.id}",

@@ -18,6 +18,7 @@ from conftest import StartMirror
 from support.daemons import DockerdFactory, require
 from support.images import inspect_raw, skopeo
 from support.registry import Upstream
+from support.smallfs import fill_up, small_tmpfs
 from support.tcpcount import CountingProxy
 
 ALICE = "alice:alicepw"
@@ -412,6 +413,46 @@ def test_a_body_shorter_than_its_content_length_is_answered_400_not_left_hanging
     assert status == 400 and oci_error(body)["code"] == "MANIFEST_INVALID", body
     assert time.monotonic() - began < 15
     assert httpx.get(f"{mirror.url}{location}", headers=auth).status_code == 404
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    with small_tmpfs(tmp_path / "small-fs") as path:
+        yield path
+
+
+def test_a_push_onto_a_full_disk_succeeds_and_is_simply_not_cached(
+    upstream: Upstream, start_mirror: StartMirror, small_fs: Path
+) -> None:
+    cache = small_fs / "cache"
+    mirror = start_mirror(cache_dir=cache)
+    filler = small_fs / "filler"
+    fill_up(filler)
+    image = upstream.images["test/oci-single:1.0"]
+    copy(f"docker://{upstream.host}/{image.ref}", f"docker://{mirror.host}/team/full:1",
+         "--dest-creds", ALICE)
+    raw = inspect_raw(f"{upstream.host}/team/full:1")
+    assert "sha256:" + hashlib.sha256(raw).hexdigest() == image.digest
+    assert [p for p in (cache / "blobs").rglob("*") if p.is_file()] == []
+    assert parts(cache) == []
+    # Room again, but a blob bigger than the whole disk: pushed, and not cached either.
+    filler.unlink()
+    data = os.urandom(30 * MiB)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    with httpx.Client(base_url=mirror.url, headers=bearer(mirror.url, "team/full"),
+                      timeout=60) as client:
+        location = client.post("/v2/team/full/blobs/uploads/").headers["location"]
+        patched = client.patch(location, content=data)
+        assert patched.status_code == 202, patched.text
+        done = client.put(patched.headers["location"], params={"digest": digest})
+        assert done.status_code == 201, done.text
+        assert parts(cache) == []
+        assert [p for p in (cache / "blobs").rglob("*") if p.is_file()] == []
+        got = client.get(f"/v2/team/full/blobs/{digest}")
+        assert got.status_code == 200 and got.content == data
+    log = mirror.log_text()
+    assert "cache disk full" in log
+    assert "Traceback" not in log and "internal error" not in log, log[-3000:]
 
 
 def test_a_users_delete_leaves_content_another_repository_shares_cached(

@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 from support.fake_pushes import PushUpstream, sha256
+from support.smallfs import fill_up, small_tmpfs
 
 from mirror import uploads as uploads_module
 from mirror.app import create_app
@@ -221,6 +222,81 @@ def test_a_client_dropping_mid_patch_cancels_the_session_and_logs_one_line(
             done = await client.put(location, content=data, headers=ALICE,
                                     params={"digest": sha256(data)})
             assert done.status_code == 201, done.text
+
+    run(scenario())
+
+
+# -- 1. a full disk: the push succeeds, caching it is best effort ---------------------------
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    with small_tmpfs(tmp_path / "small-fs") as path:
+        yield path
+
+
+def test_a_push_onto_a_full_disk_succeeds_uncached(
+    fake: PushUpstream, small_fs: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = small_fs / "cache"
+
+    async def scenario() -> None:
+        async with mirror(fake, cache) as client:
+            fill_up(small_fs / "filler")
+            config, layer = b"{}", os.urandom(3 * MiB)
+            for data in (config, layer):
+                location = await open_session(client)
+                patched = await client.patch(location, content=data, headers=ALICE)
+                assert patched.status_code == 202, patched.text
+                done = await client.put(patched.headers["location"], headers=ALICE,
+                                        params={"digest": sha256(data)})
+                assert done.status_code == 201, done.text
+            manifest = manifest_for(sha256(config), [sha256(layer)])
+            pushed = await client.put("/v2/team/app/manifests/1", content=manifest,
+                                      headers={**ALICE, "Content-Type": OCI_MANIFEST})
+            assert pushed.status_code == 201, pushed.text
+            assert pushed.headers["docker-content-digest"] == sha256(manifest)
+            assert fake.manifests[("team/app", "1")][1] == manifest
+            assert [p for p in (cache / "blobs").rglob("*") if p.is_file()] == []
+            assert uploads_dir(cache) == []
+            # Pulls still work (from the upstream).
+            got = await client.get("/v2/team/app/manifests/1",
+                                   headers={**ALICE, "Accept": OCI_MANIFEST})
+            assert got.status_code == 200 and got.content == manifest
+            assert "cache disk full" in caplog.text
+            assert "internal error" not in caplog.text
+
+    run(scenario())
+
+
+def test_a_written_through_blob_bigger_than_the_disk_is_simply_not_cached(
+    fake: PushUpstream, small_fs: Path
+) -> None:
+    cache = small_fs / "cache"
+    data = os.urandom(30 * MiB)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for start in range(0, len(data), MiB):
+            yield data[start:start + MiB]
+
+    async def scenario() -> None:
+        async with mirror(fake, cache) as client:
+            location = await open_session(client)
+            patched = await client.patch(location, content=chunks(), headers=ALICE)
+            assert patched.status_code == 202, patched.text
+            done = await client.put(patched.headers["location"], headers=ALICE,
+                                    params={"digest": sha256(data)})
+            assert done.status_code == 201, done.text
+            assert fake.blobs[sha256(data)] == data
+            assert uploads_dir(cache) == []
+            # The room is back: a small one is written through again.
+            small = os.urandom(1000)
+            location = await open_session(client)
+            done = await client.put(location, content=small, headers=ALICE,
+                                    params={"digest": sha256(small)})
+            assert done.status_code == 201
+            hex_ = sha256(small).removeprefix("sha256:")
+            assert (cache / "blobs" / "sha256" / hex_[:2] / hex_).read_bytes() == small
 
     run(scenario())
 
