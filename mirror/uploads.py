@@ -17,6 +17,7 @@ import collections
 import contextlib
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import re
@@ -43,11 +44,17 @@ from mirror.writethrough import Tee, WriteThrough
 
 log = logging.getLogger("mirror.uploads")
 MAX_MANIFEST = 4 * 1024 * 1024
-EXPIRED_KEPT = 3600.0  # how long a timed-out session's id still explains itself
+EXPIRED_KEPT = 3600.0  # how long past its time limit a session's id still explains itself
 # Open sessions one worker holds: per caller (a CI pushing many images at once stays far
 # below), and in all. Past either, a new upload is refused with 429 until some finish.
 MAX_SESSIONS_PER_CALLER = 256
 MAX_SESSIONS = 10_000
+# A session this far past upload_timeout (capped at upload_timeout itself) is surely dead,
+# whichever worker ran it: its write-through file goes and its upstream session is cancelled.
+ORPHAN_MARGIN = 60.0
+ORPHANS_PER_SWEEP = 100  # upstream cancels a sweep tries at most (the rest: next time)
+ORPHAN_CANCEL_TIMEOUT = 10.0
+SWEEP_SCAN = 100_000  # records and files one sweep looks at, at most
 _DIGITS = r"[0-9]{1,18}"  # ASCII only: str.isdigit() also accepts '²', which int() refuses
 _CONTENT_RANGE = re.compile(rf"(?:bytes )?({_DIGITS})-({_DIGITS})(?:/(?:\*|{_DIGITS}))?")
 _UPSTREAM_RANGE = re.compile(rf"(?:bytes=)?0-({_DIGITS})")
@@ -240,6 +247,10 @@ class Uploads:
     def close(self) -> None:
         self.sessions.close()
 
+    @property
+    def margin(self) -> float:
+        return min(ORPHAN_MARGIN, self.timeout)
+
     # -- session records -----------------------------------------------------------------
 
     def _load(self, session_id: str) -> Session | None:
@@ -254,9 +265,11 @@ class Uploads:
             return None
 
     def _save(self, session: Session) -> None:
+        # Expiry counted from the start: saving again never extends a session's life.
+        ends = session.started + self.timeout + EXPIRED_KEPT
         value = dataclasses.asdict(session)
         try:
-            self.sessions.set(session.id, value, expire=self.timeout + EXPIRED_KEPT)
+            self.sessions.set(session.id, value, expire=max(ends - time.time(), 1.0))
         except (OSError, sqlite3.OperationalError) as exc:
             if not disk_full(exc):
                 raise
@@ -340,16 +353,18 @@ class Uploads:
             await response.aclose()
 
     async def run(self, clients: dict[str, UpstreamClient]) -> None:
-        """The background task that keeps the time limit of sessions left idle."""
+        """The background task that keeps the time limit of sessions left idle, and sweeps
+        up what dead workers left (at start, then as it ages)."""
         while True:
-            await asyncio.sleep(min(5.0, self.timeout / 4))
             try:
                 await self.sweep(clients)
             except Exception:  # keep sweeping; one bad session must not stop the loop
                 log.exception("upload sweep failed")
+            await asyncio.sleep(min(5.0, self.timeout / 4))
 
     async def sweep(self, clients: dict[str, UpstreamClient]) -> None:
-        """Cancel, upstream, the sessions this process served that ran out of time."""
+        """Cancel, upstream, the sessions this process served that ran out of time; then
+        the sessions and write-through files no live worker will ever finish."""
         now = time.time()
         for session_id, (credential, _) in list(self._held.items()):
             session = self._load(session_id)
@@ -363,6 +378,61 @@ class Uploads:
         for session_id, value in list(self._local.items()):
             if now - float(value.get("started", 0)) > self.timeout + EXPIRED_KEPT:
                 self._local.pop(session_id, None)
+        await self._sweep_orphans(clients)
+
+    async def _sweep_orphans(self, clients: dict[str, UpstreamClient]) -> None:
+        """Sessions past their time limit and a margin that no worker holds (it was killed):
+        mark them expired (once, across workers) and try to cancel them upstream. Only
+        the mirror's own access is left for that (credentials die with their worker); the
+        upstream purges abandoned uploads itself if it refuses."""
+        dead_after = self.timeout + self.margin
+        cancels = 0
+        for key in list(itertools.islice(self.sessions.iterkeys(), SWEEP_SCAN)):
+            if cancels >= ORPHANS_PER_SWEEP:
+                break
+            if not isinstance(key, str) or key in self._held:
+                continue
+            session = self._claim(key, dead_after)
+            if session is None:
+                continue
+            cancels += 1
+            log.info("cancelling upload %s to %s left by a dead worker", key, session.repo)
+            client = clients.get(session.upstream)
+            if client is not None:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(ORPHAN_CANCEL_TIMEOUT):
+                        await self._cancel_upstream(client, session, None)
+            self.kept.discard(session.id)
+        try:  # rows past their expiry go (a get would skip them anyway)
+            self.sessions.expire()
+        except (OSError, sqlite3.OperationalError) as exc:
+            if not disk_full(exc):
+                raise
+        for part in itertools.islice(self.store.tmp.glob("upload-*.part"), SWEEP_SCAN):
+            session_id = part.name.removeprefix("upload-").removesuffix(".part")
+            if session_id in self._held:
+                continue
+            session = self._load(session_id)
+            try:
+                if session is not None and not session.expired:
+                    age = time.time() - session.started
+                else:  # finished, cancelled or gone: by the file's age (a PUT may hash it)
+                    age = time.time() - part.stat().st_mtime
+                if age > dead_after:
+                    part.unlink()
+                    log.info("removed write-through file of dead upload %s", session_id)
+            except FileNotFoundError:
+                pass
+
+    def _claim(self, session_id: str, dead_after: float) -> Session | None:
+        """The session, marked expired, if it is an orphan not yet claimed by any worker."""
+        with self.sessions.transact():
+            session = self._load(session_id)
+            if (session is None or session.expired
+                    or time.time() - session.started <= dead_after):
+                return None
+            self._save(replace(session, expired=True))
+            return session
 
     def _ours(self, session: Session, name: str) -> dict[str, str]:
         return {"Location": f"/v2/{name}/blobs/uploads/{session.id}",

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -481,6 +482,47 @@ def test_a_users_delete_leaves_content_another_repository_shares_cached(
         for path in (f"/v2/bob/app/blobs/{layer}", f"/v2/bob/app/manifests/{image.digest}"):
             gone = client.get(path, headers=bob)
             assert gone.status_code == 404, (path, gone.text)
+
+
+def test_uploads_left_by_a_killed_mirror_are_swept_after_restart(
+    upstream: Upstream, start_mirror: StartMirror
+) -> None:
+    mirror = start_mirror(args=["--upload-timeout", "3"])
+    auth = bearer(mirror.url, "team/orphan")
+    location = httpx.post(f"{mirror.url}/v2/team/orphan/blobs/uploads/",
+                          headers=auth).headers["location"]
+    mark = upstream.registry.mark()
+    release = threading.Event()
+
+    def body() -> Iterator[bytes]:
+        yield os.urandom(2 * MiB)
+        release.wait(30)
+
+    def patch() -> None:
+        with contextlib.suppress(httpx.HTTPError):
+            httpx.patch(f"{mirror.url}{location}", headers=auth, content=body(), timeout=30)
+
+    sender = threading.Thread(target=patch)
+    sender.start()
+    try:
+        wait_for(lambda: any(p.stat().st_size >= MiB for p in parts(mirror.cache_dir)),
+                 "the write-through file")
+        mirror.kill()  # SIGKILL, mid-PATCH
+    finally:
+        release.set()
+        sender.join(30)
+    assert parts(mirror.cache_dir)
+    patched = [r.path for r in upstream.registry.requests(since=mark) if r.method == "PATCH"]
+    assert patched, "the upstream saw no PATCH"
+    session_path = patched[0].split("?")[0]
+    mirror.start()
+    wait_for(lambda: not parts(mirror.cache_dir), "the orphan's file to go")
+    wait_for(lambda: any(r.method == "DELETE" and r.path.split("?")[0] == session_path
+                         for r in upstream.registry.requests(since=mark)),
+             "a DELETE of the orphaned upstream session")
+    # The session says why it is gone.
+    late = httpx.get(f"{mirror.url}{location}", headers=auth)
+    assert late.status_code == 400 and "time limit" in late.json()["errors"][0]["message"]
 
 
 def test_an_upload_session_belongs_to_the_account_that_opened_it(

@@ -366,6 +366,67 @@ def test_a_users_manifest_delete_leaves_content_others_share(fake: PushUpstream,
     run(scenario())
 
 
+# -- 3. orphans ---------------------------------------------------------------------------------
+
+
+def test_upload_files_and_sessions_left_by_a_dead_worker_are_swept(
+    fake: PushUpstream, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+
+    async def scenario() -> None:
+        # A worker opens a session, writes some of it through, and dies (its lifespan never
+        # ends: the app is simply dropped).
+        app = create_app(Settings(upstreams=(Upstream("fake", fake.url),), cache_dir=cache,
+                                  upload_timeout=1.0))
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://mirror") as client:
+            location = await open_session(client)
+            patched = await client.patch(location, content=b"x" * 1000, headers=ALICE)
+            assert patched.status_code == 202
+        assert len(uploads_dir(cache)) == 1
+        assert len(fake.uploads) == 1
+        # The next worker sweeps them once they are past the time limit.
+        async with mirror(fake, cache, upload_timeout=1.0):
+            deadline = time.monotonic() + 20
+            while uploads_dir(cache) or fake.count("DELETE", "/blobs/uploads/") == 0:
+                assert time.monotonic() < deadline, (uploads_dir(cache), fake.seen[-3:])
+                await asyncio.sleep(0.05)
+
+    run(scenario())
+
+
+def expiry(cache: Path, session_id: str) -> float:
+    records = uploads_module.diskcache.Cache(str(cache / "uploads"))
+    try:
+        _, expires = records.get(session_id, expire_time=True)
+    finally:
+        records.close()
+    assert isinstance(expires, float)
+    return expires
+
+
+def test_a_session_record_expires_with_its_time_limit_not_later(
+    fake: PushUpstream, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+
+    async def scenario() -> None:
+        async with mirror(fake, cache, upload_timeout=30.0) as client:
+            started = time.time()
+            location = await open_session(client)
+            session_id = location.rsplit("/", 1)[1]
+            first = expiry(cache, session_id)
+            assert started + 30.0 <= first <= time.time() + 30.0 + uploads_module.EXPIRED_KEPT
+            for _ in range(3):  # saving a session again must not push its expiry back
+                location = (await client.patch(location, content=b"ab",
+                                               headers=ALICE)).headers["location"]
+                await asyncio.sleep(0.01)
+                assert abs(expiry(cache, session_id) - first) < 0.001
+
+    run(scenario())
+
+
 # -- 4. bodies: counted while they stream, and their declared length checked -----------------
 
 
