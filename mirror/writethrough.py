@@ -1,8 +1,8 @@
 """Write-through of pushes: the bytes of an upload session are kept as they stream up, and
 enter the cache once the upstream accepted the blob and its digest checks out here too.
 
-Keeping them is best effort: on a full disk, or when a session's earlier bytes are missing,
-the blob is simply not cached; the push itself never fails for it.
+Keeping them is best effort: on a full disk (or any failure to write), or when a session's
+earlier bytes are missing, the blob is simply not cached; the push itself never fails for it.
 """
 
 from __future__ import annotations
@@ -57,11 +57,10 @@ class WriteThrough:
                 return
         except FileNotFoundError:  # never written, or swept meanwhile
             return
-        except OSError as exc:
-            if exc.errno not in DISK_FULL:
-                raise
-            log.warning("cache disk full: pushed blob %s not cached", digest)
-        partial.unlink(missing_ok=True)
+        except OSError as exc:  # the push succeeded: caching it is best effort
+            log.warning("%s: pushed blob %s not cached", _why(exc), digest)
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
 
 
 class Tee:
@@ -97,14 +96,17 @@ class Tee:
         try:
             await asyncio.to_thread(_write_at, self.path, offset, data)
         except OSError as exc:
-            if exc.errno not in DISK_FULL:
-                raise
             # Give up on this blob (the upload goes on): what was kept only wastes room.
             self.enabled = False
             self.hashers.pop(self.key, None)
-            self.path.unlink(missing_ok=True)
-            log.warning("cache disk full: pushed blob of upload %s not written through",
+            with contextlib.suppress(OSError):
+                self.path.unlink(missing_ok=True)
+            log.warning("%s: pushed blob of upload %s not written through", _why(exc),
                         self.key)
+
+
+def _why(exc: OSError) -> str:
+    return "cache disk full" if exc.errno in DISK_FULL else f"cache write failed ({exc})"
 
 
 def _write_at(path: Path, offset: int, data: bytes) -> None:

@@ -301,6 +301,30 @@ def test_a_written_through_blob_bigger_than_the_disk_is_simply_not_cached(
     run(scenario())
 
 
+def test_a_write_through_that_fails_for_any_reason_leaves_the_push_alone(
+    fake: PushUpstream, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    data = os.urandom(2 * MiB)
+
+    async def scenario() -> None:
+        async with mirror(fake, cache) as client:
+            location = await open_session(client)
+            session_id = location.rsplit("/", 1)[1]
+            # Something the tee cannot write to (EISDIR: neither ENOSPC nor a lost file).
+            (cache / "tmp" / f"upload-{session_id}.part").mkdir()
+            patched = await client.patch(location, content=data, headers=ALICE)
+            assert patched.status_code == 202, patched.text
+            done = await client.put(patched.headers["location"], headers=ALICE,
+                                    params={"digest": sha256(data)})
+            assert done.status_code == 201, done.text
+            assert fake.blobs[sha256(data)] == data
+            hex_ = sha256(data).removeprefix("sha256:")
+            assert not (cache / "blobs" / "sha256" / hex_[:2] / hex_).exists()
+
+    run(scenario())
+
+
 # -- 2. a user's DELETE never evicts shared content ---------------------------------------------
 
 
