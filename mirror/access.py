@@ -30,7 +30,9 @@ C the caller; facts live in the metadata store, shared by every worker and repli
    unchanged. Identities are MACs of credentials (`mirror.identity`), never credentials.
 6. Credentials are bound to one upstream: a token we minted names its upstream and is
    used there only; tokens we did not mint are forwarded only to `auth_passthrough`
-   upstreams; a token minted offline is refused online (log in again).
+   upstreams; a client's password goes only to upstreams that take client credentials
+   (`client_credentials`: by default the default upstream alone), and only to the realm
+   that upstream's own origin named; a token minted offline is refused online.
 """
 
 from __future__ import annotations
@@ -125,6 +127,10 @@ class Access:
         if caller.upstream is not None and caller.upstream != client.name:
             raise errors.Unauthorized(
                 f"this token is for upstream {caller.upstream}; log in for {client.name}")
+        if (caller.credential is not None and caller.credential.basic is not None
+                and caller.upstream is None and not client.client_credentials):
+            raise errors.Unauthorized(
+                f"upstream {client.name} does not take client credentials through this mirror")
         if caller.offline_only and not client.offline:
             raise errors.Unauthorized("this token was issued offline; log in again")
         if (caller.identity.startswith("t:") and caller.upstream is None

@@ -80,7 +80,7 @@ def create_app(settings: Settings) -> Starlette:
         lifespan=lifespan,
     )
     app.add_middleware(Observe, metrics=metrics, access=access_log,
-                       log_format=settings.access_log)
+                       log_format=settings.access_format)
     app.state.metrics = metrics
     app.state.settings = settings
     app.state.services = parts
@@ -93,9 +93,6 @@ def create_app(settings: Settings) -> Starlette:
 
 
 def app_from_env() -> Starlette:
-    """Entry point for uvicorn workers: settings arrive resolved, as JSON, in the env."""
-    settings = Settings.from_json(os.environ[RESOLVED_ENV])
-    level = "DEBUG" if settings.log_level == "trace" else settings.log_level.upper()
-    logging.basicConfig(level=level, format="%(levelname)-8s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream request
-    return create_app(settings)
+    """Entry point for uvicorn workers: settings arrive resolved, as JSON, in the env.
+    (Logging is set up by uvicorn, from `mirror.logs.logging_config`.)"""
+    return create_app(Settings.from_json(os.environ[RESOLVED_ENV]))

@@ -9,9 +9,16 @@ import tempfile
 from collections.abc import Sequence
 from typing import Any
 
-from mirror import __version__, admin, airgap
+from mirror import __version__, admin, airgap, clientconfig
 from mirror.metrics import prepare_multiprocess, serve_metrics
-from mirror.settings import RESOLVED_ENV, SettingsError, load, parse_listen
+from mirror.settings import (
+    RESOLVED_ENV,
+    Settings,
+    SettingsError,
+    check_tls,
+    load,
+    parse_listen,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,11 +43,31 @@ def build_parser() -> argparse.ArgumentParser:
                        help="time an upload may take from its start (default 600)")
     serve.add_argument("--max-layer-size", metavar="BYTES",
                        help="largest layer a push may upload, e.g. 10GB (default 10GB)")
-    serve.add_argument("--access-log", metavar="FORMAT", help="plain, json or off")
+    serve.add_argument("--access-log", metavar="on|off",
+                       help="one line per request (default on; json also sets --log-format)")
+    serve.add_argument("--log-format", metavar="FORMAT",
+                       help="plain or json, for every line on stderr (default plain)")
+    serve.add_argument("--tls-cert", metavar="FILE",
+                       help="serve HTTPS with this PEM certificate chain (needs --tls-key)")
+    serve.add_argument("--tls-key", metavar="FILE", help="the PEM private key of --tls-cert")
+    serve.add_argument("--header-timeout", metavar="SECONDS",
+                       help="time a connection may take to send request headers (default 30)")
     serve.add_argument("--metrics-listen", metavar="HOST:PORT",
                        help="serve /metrics on this address instead of the main one")
     serve.add_argument("--offline", action="store_true", default=None,
                        help="serve only from the cache; never contact an upstream")
+    config = commands.add_parser(
+        "client-config", help="print what a client needs to pull through the mirror",
+        description="Print on standard output the configuration CLIENT needs to pull through "
+        "the mirror at --mirror URL, for every upstream of the mirror's settings (--config, "
+        "--upstream, MIRROR_UPSTREAMS). containerd gets one hosts.toml per registry, each "
+        "after a line '# file: REGISTRY/hosts.toml'.")
+    config.add_argument("client", choices=clientconfig.CLIENTS)
+    config.add_argument("--mirror", required=True, metavar="URL",
+                        help="the mirror's address as clients reach it, e.g. http://mirror:5000")
+    config.add_argument("--config", metavar="FILE", help="TOML settings file")
+    config.add_argument("--upstream", dest="upstreams", action="append", metavar="[NAME=]URL",
+                        help="upstream registry (repeatable; the first is the default)")
     admin.add_parser(commands)
     airgap.add_parsers(commands)
     return parser
@@ -64,6 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return admin.run(args)
     if args.command in airgap.COMMANDS:
         return airgap.run(args)
+    if args.command == "client-config":
+        return client_config(args)
     try:
         settings = load(flags_of(args))
     except SettingsError as exc:
@@ -74,8 +103,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
 
 
-def serve(settings: Any) -> int:
+def client_config(args: argparse.Namespace) -> int:
+    try:
+        settings = load({"config": args.config, "upstreams": args.upstreams})
+        text = clientconfig.render(args.client, settings, args.mirror)
+    except (SettingsError, clientconfig.ClientConfigError) as exc:
+        print(f"mirror: {exc}", file=sys.stderr)
+        return 2
+    sys.stdout.write(text)
+    return 0
+
+
+def serve(settings: Settings) -> int:
     import uvicorn
+
+    from mirror.httpserver import protocol
+    from mirror.logs import logging_config
 
     host, port = settings.host_port
     try:
@@ -83,6 +126,11 @@ def serve(settings: Any) -> int:
     except OSError as exc:
         print(f"mirror: bad setting: cache_dir: cannot create {settings.cache_dir}: "
               f"{exc.strerror}", file=sys.stderr)
+        return 2
+    try:
+        check_tls(settings)
+    except SettingsError as exc:
+        print(f"mirror: bad setting: {exc}", file=sys.stderr)
         return 2
     os.environ[RESOLVED_ENV] = settings.to_json()
     # Every worker writes its samples here; /metrics sums them (set before they start).
@@ -93,6 +141,9 @@ def serve(settings: Any) -> int:
         uvicorn.run(
             "mirror.app:app_from_env", factory=True, host=host, port=port,
             workers=settings.workers if settings.workers > 1 else None,
-            loop="uvloop", http="httptools", access_log=False, log_level=settings.log_level,
+            loop="uvloop", http=protocol(settings.header_timeout), access_log=False,
+            log_level=settings.log_level,
+            log_config=logging_config(settings.log_format, settings.log_level),
+            ssl_certfile=settings.tls_cert or None, ssl_keyfile=settings.tls_key or None,
             timeout_graceful_shutdown=5)
     return 0

@@ -1,8 +1,9 @@
 """Prometheus metrics, right across uvicorn workers.
 
-With several workers every process writes its samples to files in PROMETHEUS_MULTIPROC_DIR
-(prometheus-client's multiprocess mode, set up by `mirror serve` before workers start) and
-`/metrics` sums them; with one process the app's own registry is exposed. Labels are bounded:
+`mirror serve` always runs prometheus-client's multiprocess mode, with one worker or many:
+every process writes its samples to files in PROMETHEUS_MULTIPROC_DIR and `/metrics` sums
+them. Without that directory (the cache commands, tests building an app) the app's own
+registry is exposed. Labels are bounded:
 no repository names or digests, only routes, methods, statuses, upstream names, codes.
 """
 
@@ -19,9 +20,12 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
     start_http_server,
+    values,
 )
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+AUTH_DENIALS = ("unauthorized", "denied")  # lowercased OCI error codes of 401 and 403
+FILL_FAILURES = ("digest_mismatch", "upstream", "error", "disk_full")
 LATENCY = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300)
 
 
@@ -95,6 +99,10 @@ class Metrics:
             self.served_bytes.labels(source)
         for outcome in ("ok", "timeout", "too_large", "error"):
             self.uploads.labels(outcome)
+        for reason in AUTH_DENIALS:
+            self.denials.labels(reason)
+        for reason in FILL_FAILURES:
+            self.fill_failures.labels(reason)
 
     def exposition(self) -> tuple[bytes, str]:
         """The text to answer a scrape with: summed over workers in multiprocess mode."""
@@ -119,3 +127,7 @@ def prepare_multiprocess(directory: str) -> None:
         if name.endswith(".db"):
             os.unlink(os.path.join(directory, name))
     os.environ[MULTIPROC_ENV] = directory
+    # prometheus-client picks its value class when it is first imported, which in this process
+    # was before the directory existed: pick again, so metrics built here (the app itself with
+    # one worker) write to the directory too. Spawned workers import it afresh.
+    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]

@@ -15,6 +15,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from mirror.errors import StreamAborted
+from mirror.logs import field, timestamp
 from mirror.metrics import Metrics
 from mirror.store import Store
 from mirror.upstream import UpstreamClient
@@ -90,6 +92,11 @@ class Observe:
 
         try:
             await self.app(scope, receive, counting_send)
+        except StreamAborted as exc:
+            # The body was promised and cannot be completed (a fill failed): the connection
+            # is cut, which is the client's signal. One line says why; no traceback.
+            log.warning("cut %s %s after %d bytes: %s", scope["method"],
+                        field(scope.get("path", "")), sent, exc)
         finally:
             elapsed = time.perf_counter() - started
             route = scope.get("route")
@@ -104,20 +111,22 @@ class Observe:
         target = state.get("target")
         upstream = target[0].name if target else "-"
         cache = state.get("cache", "-")
-        path = scope.get("path", "")
+        # The path as the client sent it (still percent-encoded), with the query.
+        raw = scope.get("raw_path") or scope.get("path", "").encode("utf-8", "replace")
+        path = raw.decode("latin-1")
         if scope.get("query_string"):
             path += "?" + scope["query_string"].decode("latin-1")
         client = (scope.get("client") or ("-",))[0]
-        now = time.strftime("%Y-%m-%dT%H:%M:%S")
-        if self.log_format == "json":
+        now = timestamp()
+        if self.log_format == "json":  # json.dumps escapes control characters itself
             self.access.write(json.dumps({
                 "time": now, "client": client, "method": scope["method"], "path": path,
                 "status": status, "bytes": sent, "duration": round(elapsed, 6),
                 "cache": cache, "upstream": upstream}))
         else:
             self.access.write(
-                f'{now} {client} "{scope["method"]} {path}" {status} {sent} {elapsed:.4f} '
-                f"cache={cache} upstream={upstream}")
+                f'{now} {field(str(client))} "{field(scope["method"])} {field(path)}" {status} '
+                f"{sent} {elapsed:.4f} cache={field(str(cache))} upstream={field(upstream)}")
 
 
 class Health:

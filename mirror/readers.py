@@ -90,6 +90,10 @@ class Reader:
                 limit = available if committed else available - 1  # keep back the last byte
                 if stop is not None:
                     limit = min(limit, stop)
+                if not committed and self.size is not None:
+                    # An upstream may send more than it announced: the blob's own last byte
+                    # still waits for the verification, however much has arrived.
+                    limit = min(limit, self.size - 1)
                 if limit > pos:
                     data = await self.read(pos, min(CHUNK, limit - pos))
                     if not data:

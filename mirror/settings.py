@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import ssl
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -82,8 +83,16 @@ class Settings:
     # Seconds an upload session may take from its POST; larger layers are refused (bytes).
     upload_timeout: float = 600.0
     max_layer_size: int = 10 * 10**9
-    # One line per request: plain, json or off.
-    access_log: str = "plain"
+    # One line per request: on or off (the older plain and json also mean on; see load()).
+    access_log: str = "on"
+    # Format of every line on stderr, the access log's and uvicorn's included: plain or json.
+    log_format: str = "plain"
+    # Serve HTTPS with this certificate chain and key (PEM files); both or neither.
+    tls_cert: str = ""
+    tls_key: str = ""
+    # Seconds a connection may take to send complete request headers (from its start, or from
+    # the end of the previous response on a kept-alive one).
+    header_timeout: float = 30.0
     # Serve /metrics on this HOST:PORT instead of the main address ("": the main address).
     metrics_listen: str = ""
     # How long a caller's proven access to a repository is trusted (seconds).
@@ -104,6 +113,11 @@ class Settings:
     @property
     def default_upstream(self) -> Upstream:
         return self.upstreams[0]
+
+    @property
+    def access_format(self) -> str:
+        """The access log's format: "off", or the format of every log line."""
+        return "off" if self.access_log == "off" else self.log_format
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -228,6 +242,13 @@ def _choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     return str(value).lower()
 
 
+def _above_zero(name: str, value: Any) -> float:
+    number = _positive(name, value)
+    if number == 0:
+        raise SettingsError(f"{name}: must be above 0, got {value!r}")
+    return number
+
+
 def _level(name: str, value: Any) -> str:
     levels = ("critical", "error", "warning", "info", "debug", "trace")
     if str(value).lower() not in levels:
@@ -260,7 +281,11 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "public_url": lambda _n, v: str(v),
     "max_cache_size": _size,
     "upload_timeout": _positive,
-    "access_log": lambda n, v: _choice(n, v, ("plain", "json", "off")),
+    "access_log": lambda n, v: _choice(n, v, ("on", "off", "plain", "json")),
+    "log_format": lambda n, v: _choice(n, v, ("plain", "json")),
+    "tls_cert": lambda _n, v: str(Path(str(v)).expanduser()) if v else "",
+    "tls_key": lambda _n, v: str(Path(str(v)).expanduser()) if v else "",
+    "header_timeout": _above_zero,
     "metrics_listen": lambda n, v: _listen(n, v) if v else "",
     "max_layer_size": _size,
     "access_ttl": _positive,
@@ -299,7 +324,33 @@ def load(flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None =
         if key not in _PARSERS:
             raise SettingsError(f"unknown setting {key!r}")
         values[key] = _PARSERS[key](key, value)
+    # access_log once chose the format too: "json" still makes every line JSON.
+    if values.get("access_log") in ("plain", "json"):
+        if values["access_log"] == "json":
+            values["log_format"] = "json"
+        values["access_log"] = "on"
+    if bool(values.get("tls_cert")) != bool(values.get("tls_key")):
+        raise SettingsError("tls_cert, tls_key: give both (certificate chain and key) or neither")
     return Settings(**values)
+
+
+def check_tls(settings: Settings) -> None:
+    """Before serving: the certificate and key can be read and belong together."""
+    if not settings.tls_cert:
+        return
+    for name in ("tls_cert", "tls_key"):
+        path = getattr(settings, name)
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise SettingsError(f"{name}: cannot read {path}: {exc.strerror}") from None
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+            settings.tls_cert, settings.tls_key)
+    except (ssl.SSLError, ValueError) as exc:
+        raise SettingsError(f"tls_cert, tls_key: not a PEM certificate chain and its key "
+                            f"({settings.tls_cert}, {settings.tls_key}): {exc}") from None
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

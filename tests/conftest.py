@@ -48,7 +48,8 @@ def pytest_runtest_makereport(
 def start_mirror(
     upstream: Upstream, tmp_path: Path, request: pytest.FixtureRequest
 ) -> Iterator[StartMirror]:
-    """Factory: `start_mirror(upstreams=None, args=(), workers=1, cache_dir=None, env=None)`
+    """Factory: `start_mirror(upstreams=None, args=(), workers=1, cache_dir=None, env=None,
+    tls_ca=None)`
     starts `python -m mirror serve` (default upstream: docker.io -> the seeded upstream) and
     waits until `/v2/` answers. Every mirror started is stopped at teardown."""
     mirrors: list[MirrorProc] = []
@@ -59,6 +60,7 @@ def start_mirror(
         workers: int = 1,
         cache_dir: Path | None = None,
         env: Mapping[str, str] | None = None,
+        tls_ca: Path | None = None,
     ) -> MirrorProc:
         n = len(mirrors)
         mirror = MirrorProc(
@@ -68,6 +70,7 @@ def start_mirror(
             args=args,
             workers=workers,
             env=env,
+            tls_ca=tls_ca,
         )
         mirrors.append(mirror)
         mirror.start()

@@ -342,13 +342,11 @@ PLAIN = re.compile(r'^\S+ \S+ "\S+ (\S+)" \d{3} \d+ \d+\.\d+ cache=\S+ upstream=
 
 def access_lines(mirror: MirrorProc, fmt: str) -> list[str]:
     """The mirror's access-log lines in the format `fmt`: in JSON, whole lines that are JSON
-    objects (every one must parse); in plain text, lines of the shape of PLAIN."""
+    objects with a path (every JSON line must parse); in plain text, lines of the shape of
+    PLAIN."""
     lines = mirror.log_text().splitlines()
-    if fmt == "json":
-        found = [line for line in lines if line.startswith("{")]
-        for line in found:
-            json.loads(line)
-        return found
+    if fmt == "json":  # every line is JSON then: the access log's are those with a path
+        return [line for line in lines if line.startswith("{") and "path" in json.loads(line)]
     return [line for line in lines if PLAIN.match(line)]
 
 
@@ -409,3 +407,30 @@ def test_access_log(upstream: Upstream, start_mirror: StartMirror, fmt: str) -> 
             [line] = [line for line in lines if f'"{method} {path}" ' in line]
             assert f'"{method} {path}" {status} ' in line, line
             assert re.search(r" \d+ \d+\.\d+ cache=\S+ upstream=\S+$", line), line
+
+
+# --- one worker (the default) and fresh servers ------------------------------------------------
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_metrics_count_with_one_worker_or_two(
+    upstream: Upstream, start_mirror: StartMirror, workers: int
+) -> None:
+    image = upstream.images[IMAGE]
+    mirror = start_mirror(workers=workers)
+    fresh = scrape(mirror.url + "/metrics")
+    # Every bounded label set is there from the start, at 0.
+    for reason in ("unauthorized", "denied"):
+        assert ("mirror_auth_denials_total", {"reason": reason}, 0.0) in fresh, reason
+    for reason in ("digest_mismatch", "upstream", "error", "disk_full"):
+        assert ("mirror_fill_failures_total", {"reason": reason}, 0.0) in fresh, reason
+    for kind in ("manifest", "tag", "blob"):
+        for result in ("hit", "miss", "stale", "negative"):
+            assert ("mirror_cache_lookups_total", {"kind": kind, "result": result},
+                    0.0) in fresh
+    before = total(fresh, REQUESTS, route=MANIFESTS, method="GET", status="200")
+    for _ in range(3):
+        assert get(f"{mirror.url}/v2/{image.repo}/manifests/{image.tag}").status_code == 200
+    wait_until("three manifest requests counted", lambda: total(
+        scrape(mirror.url + "/metrics"), REQUESTS, route=MANIFESTS, method="GET",
+        status="200") - before == 3, 10)
+    assert total(scrape(mirror.url + "/metrics"), "mirror_cache_lookups_total") > 0

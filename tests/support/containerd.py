@@ -31,10 +31,12 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: no orphans if pytest dies
 
 
-def spawn(cmd: list[str], log_path: Path) -> subprocess.Popen[bytes]:
-    """Start a daemon in its own session with the dead-proxy env, output appended to log_path."""
+def spawn(cmd: list[str], log_path: Path,
+          env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Start a daemon in its own session with the dead-proxy env (or `env`), output appended
+    to log_path."""
     with log_path.open("ab") as log:
-        return subprocess.Popen(cmd, env=proxy_env(), stdin=subprocess.DEVNULL, stdout=log,
+        return subprocess.Popen(cmd, env=env or proxy_env(), stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True,
                                 preexec_fn=_die_with_parent)
 

@@ -58,8 +58,12 @@ class Dockerd:
     """
 
     def __init__(self, mirror_url: str | None = None, *, insecure_registries: Sequence[str] = (),
-                 log_level: str = "info", extra_config: dict[str, Any] | None = None) -> None:
+                 log_level: str = "info", extra_config: dict[str, Any] | None = None,
+                 proxy: str | None = None) -> None:
+        """`proxy`: the daemon's HTTP(S)_PROXY, a loopback proxy of the test's (default: a
+        dead one)."""
         self.mirror_url = mirror_url
+        self.proxy = proxy
         self.base = Path(tempfile.mkdtemp(prefix="dkd-", dir="/tmp"))
         self.sock_path = str(self.base / "docker.sock")
         self.host = f"unix://{self.sock_path}"
@@ -97,7 +101,11 @@ class Dockerd:
             config = self.base / "daemon.json"
             config.write_text(json.dumps(self.config, indent=1))
             self.config_dir.mkdir(exist_ok=True)
-            self.proc = spawn(["dockerd", "--config-file", str(config)], self.log_path)
+            env = None
+            if self.proxy:
+                env = proxy_env({k: self.proxy for k in ("HTTP_PROXY", "HTTPS_PROXY",
+                                                         "http_proxy", "https_proxy")})
+            self.proc = spawn(["dockerd", "--config-file", str(config)], self.log_path, env)
             wait_until(lambda: _ping(self.sock_path), self.proc, self.log_path, "dockerd")
         except BaseException:
             self.stop()

@@ -7,6 +7,7 @@ import itertools
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -39,6 +40,7 @@ def wait_http(
     timeout: float = 20,
     ok: Callable[[int], bool] = lambda status: True,
     proc: Proc | None = None,
+    verify: ssl.SSLContext | bool = True,
 ) -> int:
     """Poll `url` until an HTTP answer whose status satisfies `ok` arrives; return the status.
 
@@ -48,7 +50,7 @@ def wait_http(
     last: str = "no answer"
     while True:
         try:
-            r = httpx.get(url, timeout=2, trust_env=False)
+            r = httpx.get(url, timeout=2, trust_env=False, verify=verify)
             if ok(r.status_code):
                 return r.status_code
             last = f"status {r.status_code}"
@@ -169,7 +171,14 @@ class MirrorProc:
         workers: int = 1,
         env: Mapping[str, str] | None = None,
         port: int | None = None,
+        tls_ca: Path | None = None,
+        code: Path = REPO_ROOT,
     ) -> None:
+        """`tls_ca`: the mirror serves HTTPS (its --tls-* flags are in `args`) with a
+        certificate this CA signed; `url` is then https and start-up is checked with it.
+        `code`: the directory whose `mirror` package runs (another release's, say)."""
+        self.tls_ca = tls_ca
+        self.code = code
         self.upstreams = list(upstreams)
         self.cache_dir = cache_dir
         self.log_dir = log_dir
@@ -185,7 +194,7 @@ class MirrorProc:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}"
+        return f"{'https' if self.tls_ca else 'http'}://{self.host}"
 
     @property
     def argv(self) -> list[str]:
@@ -200,11 +209,12 @@ class MirrorProc:
     def start(self, timeout: float = 30) -> MirrorProc:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         pythonpath = os.pathsep.join(
-            p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+            p for p in (str(self.code), os.environ.get("PYTHONPATH", "")) if p)
         env = clean_env({"PYTHONPATH": pythonpath, "PYTHONUNBUFFERED": "1", **self.env})
-        self.proc = Proc(self.argv, self.log_dir, name="mirror", env=env, cwd=REPO_ROOT,
+        self.proc = Proc(self.argv, self.log_dir, name="mirror", env=env, cwd=self.code,
                          log_name="mirror.log")
-        wait_http(f"{self.url}/v2/", timeout, ok=lambda s: s in (200, 401), proc=self.proc)
+        wait_http(f"{self.url}/v2/", timeout, ok=lambda s: s in (200, 401), proc=self.proc,
+                  verify=ssl.create_default_context(cafile=self.tls_ca) if self.tls_ca else True)
         return self
 
     @property

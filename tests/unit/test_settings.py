@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import pytest
+from support.tls import make_server_cert
 
 from mirror import cli
 from mirror.settings import (
@@ -419,3 +420,101 @@ def test_an_upstream_can_have_its_own_timeouts(tmp_path: Path) -> None:
     bad.write_text('[[upstreams]]\nurl = "http://127.0.0.1:9"\nread_timeout = -1\n')
     with pytest.raises(SettingsError, match="read_timeout"):
         load({"config": str(bad)}, env={})
+
+
+# -- serving: TLS, logs, header limits --------------------------------------------------------
+
+
+def test_serving_defaults() -> None:
+    settings = load({}, env={})
+    assert (settings.tls_cert, settings.tls_key) == ("", "")
+    assert settings.header_timeout == 30
+    assert (settings.access_log, settings.log_format, settings.access_format) == (
+        "on", "plain", "plain")
+
+
+@pytest.mark.parametrize(("given", "access_log", "log_format"), [
+    ({"access_log": "off"}, "off", "plain"),
+    ({"access_log": "plain"}, "on", "plain"),
+    ({"access_log": "json"}, "on", "json"),  # as before: access lines, and now all lines, JSON
+    ({"log_format": "json"}, "on", "json"),
+    ({"log_format": "json", "access_log": "off"}, "off", "json"),
+    ({"log_format": "json", "access_log": "plain"}, "on", "json"),
+])
+def test_access_log_and_log_format(given: dict[str, str], access_log: str,
+                                   log_format: str) -> None:
+    settings = load(given, env={})
+    assert (settings.access_log, settings.log_format) == (access_log, log_format)
+    assert settings.access_format == ("off" if access_log == "off" else log_format)
+
+
+def test_log_format_and_header_timeout_from_env_and_file(tmp_path: Path) -> None:
+    env = {"MIRROR_LOG_FORMAT": "JSON", "MIRROR_HEADER_TIMEOUT": "2.5"}
+    settings = load({}, env=env)
+    assert (settings.log_format, settings.header_timeout) == ("json", 2.5)
+    path = _toml(tmp_path, 'log_format = "json"\nheader_timeout = 4\naccess_log = "on"\n')
+    settings = load({"config": str(path)}, env={})
+    assert (settings.log_format, settings.header_timeout) == ("json", 4)
+
+
+@pytest.mark.parametrize(("flags", "setting"), [
+    ({"header_timeout": "0"}, "header_timeout"),
+    ({"header_timeout": "-1"}, "header_timeout"),
+    ({"log_format": "xml"}, "log_format"),
+    ({"access_log": "loud"}, "access_log"),
+    ({"tls_cert": "/x.crt"}, "tls_key"),
+    ({"tls_key": "/x.key"}, "tls_cert"),
+])
+def test_bad_serving_settings(flags: dict[str, str], setting: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        load(flags, env={})
+    assert setting in str(info.value)
+
+
+def test_tls_from_env(tmp_path: Path) -> None:
+    settings = load({}, env={"MIRROR_TLS_CERT": "/a.crt", "MIRROR_TLS_KEY": "/a.key"})
+    assert (settings.tls_cert, settings.tls_key) == ("/a.crt", "/a.key")
+
+
+def _serve_exit(argv: list[str], capsys: pytest.CaptureFixture[str],
+                monkeypatch: pytest.MonkeyPatch) -> tuple[int, str]:
+    import uvicorn
+
+    def no_run(*args: object, **kwargs: object) -> None:
+        raise AssertionError("uvicorn must not start with a bad setting")
+
+    monkeypatch.setattr(uvicorn, "run", no_run)
+    status = cli.main(argv)
+    return status, capsys.readouterr().err
+
+
+def test_cli_tls_needs_both_files(capsys: pytest.CaptureFixture[str],
+                                  monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    status, err = _serve_exit(["serve", "--cache-dir", str(tmp_path / "c"), "--tls-cert",
+                               str(tmp_path / "x.crt")], capsys, monkeypatch)
+    assert status == 2
+    assert "bad setting: tls_cert, tls_key" in err
+
+
+def test_cli_unreadable_or_mismatched_tls_files(capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch,
+                                                tmp_path: Path) -> None:
+    one = make_server_cert(tmp_path / "one")
+    two = make_server_cert(tmp_path / "two")
+    base = ["serve", "--cache-dir", str(tmp_path / "c")]
+    status, err = _serve_exit([*base, "--tls-cert", str(tmp_path / "missing.crt"),
+                               "--tls-key", str(one.key)], capsys, monkeypatch)
+    assert status == 2
+    assert "tls_cert: cannot read" in err and "missing.crt" in err
+    status, err = _serve_exit([*base, "--tls-cert", str(one.cert), "--tls-key",
+                               str(tmp_path / "missing.key")], capsys, monkeypatch)
+    assert status == 2
+    assert "tls_key: cannot read" in err
+    status, err = _serve_exit([*base, "--tls-cert", str(one.cert), "--tls-key", str(two.key)],
+                              capsys, monkeypatch)
+    assert status == 2
+    assert "tls_cert, tls_key:" in err
+    status, err = _serve_exit([*base, "--tls-cert", str(one.key), "--tls-key", str(one.key)],
+                              capsys, monkeypatch)
+    assert status == 2
+    assert "tls_cert, tls_key:" in err

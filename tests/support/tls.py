@@ -1,0 +1,78 @@
+"""Test certificates: a CA made on the spot and server certificates it signs."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+
+@dataclass(frozen=True)
+class ServerCert:
+    ca: Path  # the CA's certificate (PEM), as clients are given it
+    cert: Path  # the server's certificate chain (PEM)
+    key: Path  # its private key (PEM)
+
+    @property
+    def flags(self) -> list[str]:
+        return ["--tls-cert", str(self.cert), "--tls-key", str(self.key)]
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def make_server_cert(directory: Path, names: tuple[str, ...] = ("localhost", "mirror.test"),
+                     ips: tuple[str, ...] = ("127.0.0.1",), label: str = "test") -> ServerCert:
+    """A fresh CA and a server certificate for `names` and `ips`, written to `directory`
+    as ca.crt, server.crt and server.key."""
+    directory.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(f"mirror {label} CA")).issuer_name(_name(f"mirror {label} CA"))
+        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(
+            digital_signature=True, content_commitment=False, key_encipherment=False,
+            data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+            encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
+                       critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    alt_names: list[x509.GeneralName] = [x509.DNSName(n) for n in names]
+    alt_names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(names[0])).issuer_name(ca_cert.subject)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=30))
+        .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                       critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    paths = ServerCert(directory / "ca.crt", directory / "server.crt", directory / "server.key")
+    paths.ca.write_bytes(ca_cert.public_bytes(pem))
+    paths.cert.write_bytes(cert.public_bytes(pem))
+    paths.key.write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                            serialization.NoEncryption()))
+    paths.key.chmod(0o600)
+    return paths
+
+
+def fingerprint(pem: bytes) -> bytes:
+    return x509.load_pem_x509_certificate(pem).fingerprint(hashes.SHA256())

@@ -1,0 +1,277 @@
+"""The access model (`mirror.access`), in process: the mirror app against a token-auth upstream
+on loopback. Each attack found against the previous release has a test here, named after it,
+that gave the attacker bytes or credentials before the model was rebuilt."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support.authfake import AuthUpstream, Image, digest_of
+from support.inproc import Mirror, basic, running
+
+from mirror.settings import Settings, Upstream
+
+SECRET = "private/secret"
+
+
+@pytest.fixture
+def fake() -> Iterator[AuthUpstream]:
+    with AuthUpstream() as upstream:
+        yield upstream
+
+
+def settings(tmp_path: Path, *upstreams: Upstream, **extra: object) -> Settings:
+    values: dict[str, object] = {"cache_dir": tmp_path / "cache", "scrub_rate": 0,
+                                 "upstreams": upstreams, **extra}
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+def secret_image(fake: AuthUpstream) -> Image:
+    return fake.add_image(SECRET, "1.0", [b"secret layer " * 100], private=True,
+                          readers={"alice"})
+
+
+async def pull(mirror: Mirror, user: str | None, repo: str, tag: str,
+               service: str | None = None) -> dict[str, int]:
+    """Pull an image as a client would; returns the status of each request by its digest."""
+    caller = mirror.caller(user, service)
+    prefix = f"/v2/{repo}"
+    manifest = await caller.get(f"{prefix}/manifests/{tag}")
+    statuses = {"manifest": manifest.status_code}
+    if manifest.status_code == 200:
+        doc = json.loads(manifest.content)
+        for desc in [doc["config"], *doc["layers"]]:
+            blob = await caller.get(f"{prefix}/blobs/{desc['digest']}")
+            statuses[desc["digest"]] = blob.status_code
+            if blob.status_code == 200:
+                assert digest_of(blob.content) == desc["digest"]
+    return statuses
+
+
+def leaked(response_bytes: bytes, image: Image, fake: AuthUpstream) -> bool:
+    """Whether a body holds any of the image's private bytes."""
+    secrets = [image.manifest, *(fake.blobs[d] for d in image.blobs)]
+    return any(s and s in response_bytes for s in secrets)
+
+
+async def fish(mirror: Mirror, user: str | None, image: Image, fake: AuthUpstream,
+               names: list[str]) -> None:
+    """Ask for every digest of `image` under each name: no private byte may come back."""
+    caller = mirror.caller(user)
+    for name in names:
+        for digest in [image.digest, *image.blobs]:
+            kind = "manifests" if digest == image.digest else "blobs"
+            response = await caller.get(f"/v2/{name}/{kind}/{digest}")
+            assert response.status_code != 200 or not leaked(response.content, image, fake), (
+                user, name, digest)
+        response = await caller.get(f"/v2/{name}/manifests/{image.tag}")
+        assert response.status_code != 200 or not leaked(response.content, image, fake)
+
+
+# -- 1. a 404 seen by an authorized caller opens the repository to everyone ----------------
+
+
+def test_a_404_never_grants_access(fake: AuthUpstream, tmp_path: Path) -> None:
+    image = secret_image(fake)
+    fake.add_image(SECRET, "2.0", [b"never pulled " * 100], private=True, readers={"alice"})
+    upstream = Upstream("fake", fake.url, username="alice", password="alicepw")
+
+    async def scenario() -> None:
+        async with running(settings(tmp_path, upstream, negative_ttl=60)) as mirror:
+            assert set((await pull(mirror, "alice", SECRET, "1.0")).values()) == {200}
+            alice, anonymous = mirror.caller("alice"), mirror.caller()
+            assert (await alice.get(f"/v2/{SECRET}/manifests/latest")).status_code == 404
+            # The cached 404 is not proof for anyone else, nor is the upstream's 404.
+            missing = await anonymous.get(f"/v2/{SECRET}/manifests/latest")
+            assert missing.status_code == 401
+            assert (await pull(mirror, None, SECRET, "1.0"))["manifest"] == 401
+            # With the mirror's own account configured, still nothing never pulled.
+            assert (await pull(mirror, None, SECRET, "2.0"))["manifest"] == 401
+            await fish(mirror, None, image, fake, [SECRET, "public/any"])
+            fake.down = True  # and the public flag that was never set is not honoured now
+            await fish(mirror, None, image, fake, [SECRET])
+            granted = await mirror.app.state.services.metadata.granted("fake", SECRET,
+                                                                        "anonymous")
+            assert granted is None
+
+    asyncio.run(scenario())
+
+
+# -- 2. a pushed manifest attaching any cached digest to the pusher's repository ------------
+
+
+def test_a_pushed_manifest_links_nothing(fake: AuthUpstream, tmp_path: Path) -> None:
+    image = secret_image(fake)
+    with AuthUpstream(service="open") as open_upstream:
+        open_upstream.no_auth = True
+        upstreams = (Upstream("fake", fake.url), Upstream("open", open_upstream.url,
+                                                          client_credentials=True))
+
+        async def scenario() -> None:
+            async with running(settings(tmp_path, *upstreams)) as mirror:
+                await pull(mirror, "alice", SECRET, "1.0")
+                layer = image.layers[0]
+                # Registries validate config and layers on push; unknown fields they ignore.
+                config = {"mediaType": "application/vnd.oci.image.config.v1+json",
+                          "digest": digest_of(b"{}"), "size": 2}
+                attack = json.dumps({"schemaVersion": 2, "mediaType":
+                                     "application/vnd.oci.image.manifest.v1+json",
+                                     "config": config, "layers": [],
+                                     "blobs": [{"digest": layer}]}).encode()
+                for service, name in (("fake", "redteam/pl"), ("open", "open/redteam/pl")):
+                    bob = mirror.caller("bob", service)
+                    if service == "open":  # made-up credentials: the upstream takes anything
+                        bob.tokens["open"] = (await mirror.http.get(
+                            "/token", params={"service": "open"},
+                            headers={"Authorization": basic("eve", "made-up")})).json()["token"]
+                    pushed = await bob.request(
+                        "PUT", f"/v2/{name}/manifests/1", content=attack,
+                        headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"})
+                    assert pushed.status_code == 201, pushed.text
+                    for reader in (None, "bob"):
+                        caller = mirror.caller(reader, service)
+                        got = await caller.get(f"/v2/{name}/manifests/1")
+                        assert got.status_code == 200 and got.content == attack
+                        blob = await caller.get(f"/v2/{name}/blobs/{layer}")
+                        assert blob.status_code != 200 and not leaked(blob.content, image, fake)
+
+        asyncio.run(scenario())
+
+
+# -- 3. offline serves private content under any name ---------------------------------------
+
+
+def test_offline_keeps_private_content_private(fake: AuthUpstream, tmp_path: Path) -> None:
+    image = secret_image(fake)
+    fake.add_image("public/app", "1", [b"public layer " * 100])
+    upstream = Upstream("fake", fake.url)
+
+    async def scenario() -> None:
+        async with running(settings(tmp_path, upstream)) as mirror:
+            assert set((await pull(mirror, "alice", SECRET, "1.0")).values()) == {200}
+            assert set((await pull(mirror, None, "public/app", "1")).values()) == {200}
+        fake.down = True
+        async with running(settings(tmp_path, upstream, offline=True)) as mirror:
+            await fish(mirror, None, image, fake, [SECRET, "public/app", "other/name"])
+            await fish(mirror, "bob", image, fake, [SECRET, "public/app"])
+            # Who proved access before still reads it (a token minted offline names them).
+            assert set((await pull(mirror, "alice", SECRET, "1.0")).values()) == {200}
+            assert set((await pull(mirror, None, "public/app", "1")).values()) == {200}
+            # A wrong password is another identity: nothing.
+            await fish(mirror, "mallory", image, fake, [SECRET])
+
+    asyncio.run(scenario())
+
+
+# -- 4. a CDN answering 401 takes over the token realm ---------------------------------------
+
+
+def test_a_redirect_target_never_changes_the_realm(fake: AuthUpstream, tmp_path: Path) -> None:
+    fake.add_image("public/app", "1", [b"public layer " * 100])
+    fake.cdn_challenges = True
+
+    async def scenario() -> None:
+        async with running(settings(tmp_path, Upstream("fake", fake.url))) as mirror:
+            statuses = await pull(mirror, None, "public/app", "1")
+            assert statuses["manifest"] == 200 and 200 not in list(statuses.values())[1:]
+            # The next logins still go to the upstream's own realm, never to the CDN's.
+            fake.seen.clear()
+            assert set((await pull(mirror, "alice", "public/app", "1")).values()) & {200}
+            assert not [s for s in fake.seen if s.path == "/cdn-realm"]
+            logins = [s for s in fake.seen if s.path == "/token" and s.authorization]
+            assert logins and all(s.authorization.startswith("Basic") for s in logins)
+            client = mirror.app.state.clients["fake"]
+            assert client.challenge is not None and client.challenge.realm == f"{fake.url}/token"
+
+    asyncio.run(scenario())
+
+
+# -- 5. one upstream vouching for another's content ------------------------------------------
+
+
+def test_an_upstream_cannot_vouch_for_another_upstreams_content(
+    fake: AuthUpstream, tmp_path: Path
+) -> None:
+    image = secret_image(fake)
+    with AuthUpstream(service="evil") as evil:
+        evil.no_auth = True
+        evil.head_any_blob = True  # "yes, I have every blob"
+        upstreams = (Upstream("fake", fake.url), Upstream("evil", evil.url))
+
+        async def scenario() -> None:
+            async with running(settings(tmp_path, *upstreams)) as mirror:
+                await pull(mirror, "alice", SECRET, "1.0")
+                await fish(mirror, None, image, fake, ["evil/evil/x", "evil/anything"])
+                # What evil really holds it may serve: its own bytes, fetched from it.
+                evil.put_manifest("evil/x", "1", image.manifest)
+                got = await mirror.caller().get(f"/v2/evil/evil/x/manifests/{image.digest}")
+                assert got.status_code == 200
+                assert evil.count("GET", f"/manifests/{image.digest}") == 1
+
+        asyncio.run(scenario())
+
+
+# -- 6. tag_ttl stretching anonymous access ---------------------------------------------------
+
+
+def test_anonymous_access_lasts_access_ttl_not_tag_ttl(
+    fake: AuthUpstream, tmp_path: Path
+) -> None:
+    image = fake.add_image("team/app", "1", [b"soon private " * 100])
+
+    async def scenario() -> None:
+        config = settings(tmp_path, Upstream("fake", fake.url), tag_ttl=300, access_ttl=0.5)
+        async with running(config) as mirror:
+            assert set((await pull(mirror, None, "team/app", "1")).values()) == {200}
+            fake.repos["team/app"].private = True
+            await asyncio.sleep(0.6)  # past access_ttl (injected), far within tag_ttl
+            assert (await pull(mirror, None, "team/app", "1"))["manifest"] == 401
+            await fish(mirror, None, image, fake, ["team/app"])
+
+    asyncio.run(scenario())
+
+
+# -- 7. credentials not bound to one upstream -----------------------------------------------
+
+
+def test_credentials_and_tokens_are_bound_to_one_upstream(
+    fake: AuthUpstream, tmp_path: Path
+) -> None:
+    fake.add_image("public/app", "1", [b"layer " * 100])
+    with AuthUpstream(service="other") as other:
+        other.add_image("public/app", "1", [b"other layer " * 100])
+        upstreams = (Upstream("fake", fake.url), Upstream("other", other.url))
+
+        async def scenario() -> None:
+            async with running(settings(tmp_path, *upstreams)) as mirror:
+                # alice's password goes nowhere but the default upstream.
+                refused = await mirror.http.get("/token", params={"service": "other"},
+                                                headers={"Authorization": basic("alice",
+                                                                                "alicepw")})
+                assert refused.status_code == 401
+                assert not [s for s in other.seen if s.authorization.startswith("Basic")]
+                # A token for one upstream is not forwarded to another.
+                alice = mirror.caller("alice")
+                token = await alice.login()
+                response = await mirror.http.get(
+                    "/v2/other/public/app/manifests/1",
+                    headers={"Authorization": f"Bearer {token}"})
+                assert response.status_code == 401
+                assert "other" in response.headers["www-authenticate"]
+                assert not [s for s in other.seen if "t-alice" in s.authorization]
+                # A token the mirror did not mint is not forwarded either.
+                raw = await mirror.http.get("/v2/public/app/manifests/1",
+                                            headers={"Authorization": "Bearer t-alice-0"})
+                assert raw.status_code == 401
+                # Basic credentials sent straight to another upstream are not used there.
+                direct = await mirror.http.get("/v2/other/public/app/manifests/1",
+                                               headers={"Authorization": basic("alice",
+                                                                               "alicepw")})
+                assert direct.status_code == 401
+                assert not [s for s in other.seen if s.authorization.startswith("Basic")]
+
+        asyncio.run(scenario())
