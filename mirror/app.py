@@ -35,7 +35,7 @@ def create_app(settings: Settings) -> Starlette:
     handlers = Handlers(clients, parts.manifests, parts.blobs, parts.access, parts.identities,
                         settings.public_url, metrics)
     uploads = Uploads(store.root / "uploads", store, settings.upload_timeout,
-                      settings.max_layer_size, metrics)
+                      settings.max_layer_size, metrics, idle=settings.read_timeout)
     access_log = AccessLog()
     health = Health(metrics, store, next(iter(clients.values())), settings.offline)
     pushes = PushHandlers(handlers, uploads, parts.manifests, parts.access)

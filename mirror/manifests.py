@@ -292,9 +292,18 @@ class ManifestService:
 
     async def deleted(self, upstream: str, repo: str, reference: Digest | str) -> None:
         """A manifest (by digest) or a tag was deleted upstream through us: older
-        resolutions are void. Shared content stays (other repositories may hold it)."""
+        resolutions are void, and so are the repository's tags resolving to a deleted
+        manifest. Shared content stays (other repositories may hold it)."""
         if not isinstance(reference, Digest):
             await self.metadata.set_pushed(upstream, repo, reference, time.time())
+        else:
+            after = ""
+            while records := await self.metadata.repo_tags(upstream, repo, after):
+                for record in records:
+                    named = await self.metadata.tag_digests(upstream, repo, record.tag)
+                    if str(reference) in named:
+                        await self.metadata.drop_tag(upstream, repo, record.tag)
+                after = records[-1].tag  # pages move strictly forward: the loop ends
         await self.forget_tags()
 
     async def forget_tags(self) -> None:

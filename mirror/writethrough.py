@@ -1,17 +1,24 @@
 """Write-through of pushes: the bytes of an upload session are kept as they stream up, and
-enter the cache once the upstream accepted the blob and its digest checks out here too."""
+enter the cache once the upstream accepted the blob and its digest checks out here too.
+
+Keeping them is best effort: on a full disk (or any failure to write), or when a session's
+earlier bytes are missing, the blob is simply not cached; the push itself never fails for it.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import hashlib
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from mirror.reference import Digest
-from mirror.store import CHUNK, Store
+from mirror.store import CHUNK, DISK_FULL, Store
+
+log = logging.getLogger("mirror.writethrough")
 
 
 class WriteThrough:
@@ -24,7 +31,11 @@ class WriteThrough:
         return self.store.tmp / f"upload-{session_id}.part"
 
     def tee(self, session_id: str, offset: int) -> Tee:
-        return Tee(self.partial(session_id), offset, self._hashers, session_id)
+        path = self.partial(session_id)
+        # Past the start, bytes before `offset` must already be there (not lost to a full
+        # disk, or swept): otherwise there is nothing worth adding to.
+        useless = offset > 0 and not path.exists()
+        return Tee(path, offset, self._hashers, session_id, enabled=not useless)
 
     def discard(self, session_id: str) -> None:
         self._hashers.pop(session_id, None)
@@ -36,37 +47,45 @@ class WriteThrough:
         accepted."""
         partial = self.partial(session_id)
         state = self._hashers.pop(session_id, None)
+        actual = ""
         try:
             size = partial.stat().st_size
-        except FileNotFoundError:
+            if state is not None and state[0] == size and digest.algorithm == "sha256":
+                actual = state[1].hexdigest()
+            else:  # chunks went through several workers: hash the file itself
+                actual = await asyncio.to_thread(_hash_file, partial, digest.algorithm)
+            if actual == digest.hex and await self.store.committed_size(digest) is None:
+                await self.store.commit(digest, partial, holder)
+                return
+        except FileNotFoundError:  # never written, or swept meanwhile
             return
-        if state is not None and state[0] == size and digest.algorithm == "sha256":
-            actual = state[1].hexdigest()
-        else:  # chunks went through several workers: hash the file itself
-            actual = await asyncio.to_thread(_hash_file, partial, digest.algorithm)
-        if actual == digest.hex and await self.store.committed_size(digest) is None:
-            await self.store.commit(digest, partial, holder)
-        else:
+        except OSError as exc:  # the push succeeded: caching it is best effort
+            log.warning("%s: pushed blob %s not cached", _why(exc), digest)
+            actual = ""
+        with contextlib.suppress(OSError):
             partial.unlink(missing_ok=True)
-            if actual == digest.hex:  # cached already: the upstream holds it now too
-                await self.store.metadata.add_holder(str(digest), holder)
+        if actual == digest.hex:  # cached already: the upstream holds it now too
+            await self.store.metadata.add_holder(str(digest), holder)
 
 
 class Tee:
     """Writes a session's bytes at their offset, in MiB batches, hashing when in order."""
 
     def __init__(self, path: Path, offset: int, hashers: dict[str, tuple[int, Any]],
-                 key: str) -> None:
+                 key: str, enabled: bool = True) -> None:
         self.path, self.offset, self.hashers, self.key = path, offset, hashers, key
+        self.enabled = enabled
         self.buffer = bytearray()
 
     async def write(self, chunk: bytes) -> None:
+        if not self.enabled:
+            return
         self.buffer += chunk
         if len(self.buffer) >= CHUNK:
             await self.flush()
 
     async def flush(self) -> None:
-        if not self.buffer:
+        if not self.buffer or not self.enabled:
             return
         data, offset = bytes(self.buffer), self.offset
         self.buffer.clear()
@@ -79,7 +98,20 @@ class Tee:
             self.hashers[self.key] = (offset + len(data), state[1])
         else:
             self.hashers.pop(self.key, None)
-        await asyncio.to_thread(_write_at, self.path, offset, data)
+        try:
+            await asyncio.to_thread(_write_at, self.path, offset, data)
+        except OSError as exc:
+            # Give up on this blob (the upload goes on): what was kept only wastes room.
+            self.enabled = False
+            self.hashers.pop(self.key, None)
+            with contextlib.suppress(OSError):
+                self.path.unlink(missing_ok=True)
+            log.warning("%s: pushed blob of upload %s not written through", _why(exc),
+                        self.key)
+
+
+def _why(exc: OSError) -> str:
+    return "cache disk full" if exc.errno in DISK_FULL else f"cache write failed ({exc})"
 
 
 def _write_at(path: Path, offset: int, data: bytes) -> None:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
+import socket
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -16,18 +19,22 @@ from conftest import StartMirror
 from support.daemons import DockerdFactory, require
 from support.images import inspect_raw, skopeo
 from support.registry import Upstream
+from support.smallfs import fill_up, small_tmpfs
 from support.tcpcount import CountingProxy
 
 ALICE = "alice:alicepw"
+BOB = "bob:bobpw"
+MiB = 1 << 20
 ACCEPT = ", ".join([
     "application/vnd.oci.image.index.v1+json", "application/vnd.oci.image.manifest.v1+json",
     "application/vnd.docker.distribution.manifest.list.v2+json",
     "application/vnd.docker.distribution.manifest.v2+json"])
 
 
-def bearer(mirror_url: str, repo: str, *also: str) -> dict[str, str]:
-    """A token from the mirror's realm for alice, as a client would get for a push."""
-    basic = base64.b64encode(b"alice:alicepw").decode()
+def bearer(mirror_url: str, repo: str, *also: str, user: str = ALICE) -> dict[str, str]:
+    """A token from the mirror's realm (for alice by default), as a client would get for a
+    push."""
+    basic = base64.b64encode(user.encode()).decode()
     scopes = [f"repository:{repo}:pull,push,delete", *also]
     response = httpx.get(f"{mirror_url}/token", headers={"Authorization": f"Basic {basic}"},
                          params={"service": "docker.io", "scope": scopes})
@@ -291,3 +298,254 @@ def test_docker_logs_in_to_the_mirror_and_pushes_through_it(
     raw = inspect_raw(f"{upstream.host}/team/from-docker:1")
     assert json.loads(raw)["config"]["digest"] == json.loads(
         inspect_raw(f"{upstream.host}/library/small:latest"))["config"]["digest"]
+
+
+# -- hardening: hostile input, broken clients, full disks, deletes, orphans, ownership --------
+
+
+def request(port: int, method: str, target: str, headers: dict[str, str], body: bytes = b"",
+            timeout: float = 30) -> tuple[int | None, dict[str, str], bytes]:
+    """One raw HTTP/1.1 request (headers as latin-1, as sent), read to EOF."""
+    head = f"{method} {target} HTTP/1.1\r\nHost: mirror\r\nConnection: close\r\n" + "".join(
+        f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+    data = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(head.encode("latin-1") + body)
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(1 << 16):
+                data += chunk
+    if not data:
+        return None, {}, b""
+    top, _, rest = data.partition(b"\r\n\r\n")
+    lines = top.decode("latin-1").split("\r\n")
+    fields = {k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:])}
+    return int(lines[0].split(" ")[1]), fields, rest
+
+
+def oci_error(body: bytes) -> dict[str, str]:
+    first = json.loads(body)["errors"][0]
+    assert first["code"] and first["message"]
+    return dict(first)
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def parts(cache: Path) -> list[Path]:
+    return list((cache / "tmp").glob("upload-*.part"))
+
+
+def test_hostile_push_headers_get_oci_errors_never_a_crash(
+    upstream: Upstream, start_mirror: StartMirror
+) -> None:
+    mirror = start_mirror()
+    auth = bearer(mirror.url, "team/hostile")
+    location = httpx.post(f"{mirror.url}/v2/team/hostile/blobs/uploads/",
+                          headers=auth).headers["location"]
+    # '²' passes str.isdigit() and fails int().
+    status, _, body = request(mirror.port, "PATCH", location, {
+        **auth, "Content-Range": "\xb2-10", "Content-Length": "11"}, b"0123456789a")
+    assert status in (400, 416), body
+    assert oci_error(body)["code"] in ("RANGE_INVALID", "BLOB_UPLOAD_INVALID")
+    status, _, body = request(mirror.port, "POST", "/v2/team/hostile/blobs/uploads/"
+                              "?digest=sha256:%C2%B2", {**auth, "Content-Length": "1"}, b"x")
+    assert status == 400 and oci_error(body)["code"] == "DIGEST_INVALID", body
+    document = json.dumps({"schemaVersion": 2, "mediaType": "caf\u00e9"}).encode()
+    for content_type in ("caf\xe9+json", "application/vnd.oci.image.manifest.v1+json\xe9"):
+        status, _, body = request(mirror.port, "PUT", "/v2/team/hostile/manifests/1", {
+            **auth, "Content-Type": content_type, "Content-Length": str(len(document))},
+            document)
+        assert status == 400 and oci_error(body)["code"] == "MANIFEST_INVALID", body
+    log = mirror.log_text()
+    assert "Traceback" not in log and "internal error" not in log, log[-3000:]
+
+
+def test_a_client_dropping_mid_patch_is_one_log_line_and_a_cancelled_session(
+    upstream: Upstream, start_mirror: StartMirror
+) -> None:
+    mirror = start_mirror()
+    auth = bearer(mirror.url, "team/dropped")
+    with httpx.Client(base_url=mirror.url, headers=auth, timeout=30) as client:
+        location = client.post("/v2/team/dropped/blobs/uploads/").headers["location"]
+        mark = upstream.registry.mark()
+        head = (f"PATCH {location} HTTP/1.1\r\nHost: mirror\r\nAuthorization: "
+                f"{auth['Authorization']}\r\nContent-Length: {8 * MiB}\r\n\r\n").encode()
+        with socket.create_connection(("127.0.0.1", mirror.port)) as sock:
+            sock.sendall(head + os.urandom(2 * MiB))
+            # Mid-body for sure: the first MiB was written through.
+            wait_for(lambda: any(p.stat().st_size >= MiB for p in parts(mirror.cache_dir)),
+                     "the write-through file")
+        wait_for(lambda: "went away" in mirror.log_text(), "the log line")
+        assert client.get(location).status_code == 404
+        uploads = [r for r in upstream.registry.requests(since=mark)
+                   if "/team/dropped/blobs/uploads/" in r.path]
+        assert [r.method for r in uploads] == ["PATCH", "DELETE"], uploads
+        assert parts(mirror.cache_dir) == []
+        # The next push works.
+        data = os.urandom(100_000)
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        location = client.post("/v2/team/dropped/blobs/uploads/").headers["location"]
+        done = client.put(location, params={"digest": digest}, content=data)
+        assert done.status_code == 201, done.text
+    log = mirror.log_text()
+    assert len([line for line in log.splitlines() if "went away" in line]) == 1, log[-3000:]
+    assert "Traceback" not in log and "internal error" not in log, log[-3000:]
+
+
+def test_a_body_shorter_than_its_content_length_is_answered_400_not_left_hanging(
+    upstream: Upstream, start_mirror: StartMirror
+) -> None:
+    mirror = start_mirror(env={"MIRROR_READ_TIMEOUT": "1"})
+    auth = bearer(mirror.url, "team/short")
+    location = httpx.post(f"{mirror.url}/v2/team/short/blobs/uploads/",
+                          headers=auth).headers["location"]
+    began = time.monotonic()
+    status, _, body = request(mirror.port, "PATCH", location,
+                              {**auth, "Content-Length": "100"}, b"x" * 10)
+    assert status == 400, body
+    error = oci_error(body)
+    assert error["code"] == "BLOB_UPLOAD_INVALID" and "sent nothing" in error["message"]
+    status, _, body = request(mirror.port, "PUT", "/v2/team/short/manifests/1", {
+        **auth, "Content-Length": "100", "Content-Type": "application/json"}, b"{" * 10)
+    assert status == 400 and oci_error(body)["code"] == "MANIFEST_INVALID", body
+    assert time.monotonic() - began < 15
+    assert httpx.get(f"{mirror.url}{location}", headers=auth).status_code == 404
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    with small_tmpfs(tmp_path / "small-fs") as path:
+        yield path
+
+
+def test_a_push_onto_a_full_disk_succeeds_and_is_simply_not_cached(
+    upstream: Upstream, start_mirror: StartMirror, small_fs: Path
+) -> None:
+    cache = small_fs / "cache"
+    mirror = start_mirror(cache_dir=cache)
+    filler = small_fs / "filler"
+    fill_up(filler)
+    image = upstream.images["test/oci-single:1.0"]
+    copy(f"docker://{upstream.host}/{image.ref}", f"docker://{mirror.host}/team/full:1",
+         "--dest-creds", ALICE)
+    raw = inspect_raw(f"{upstream.host}/team/full:1")
+    assert "sha256:" + hashlib.sha256(raw).hexdigest() == image.digest
+    assert [p for p in (cache / "blobs").rglob("*") if p.is_file()] == []
+    assert parts(cache) == []
+    # Room again, but a blob bigger than the whole disk: pushed, and not cached either.
+    filler.unlink()
+    data = os.urandom(30 * MiB)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    with httpx.Client(base_url=mirror.url, headers=bearer(mirror.url, "team/full"),
+                      timeout=60) as client:
+        location = client.post("/v2/team/full/blobs/uploads/").headers["location"]
+        patched = client.patch(location, content=data)
+        assert patched.status_code == 202, patched.text
+        done = client.put(patched.headers["location"], params={"digest": digest})
+        assert done.status_code == 201, done.text
+        assert parts(cache) == []
+        assert [p for p in (cache / "blobs").rglob("*") if p.is_file()] == []
+        got = client.get(f"/v2/team/full/blobs/{digest}")
+        assert got.status_code == 200 and got.content == data
+    log = mirror.log_text()
+    assert "cache disk full" in log
+    assert "Traceback" not in log and "internal error" not in log, log[-3000:]
+
+
+def test_a_users_delete_leaves_content_another_repository_shares_cached(
+    upstream: Upstream, start_mirror: StartMirror
+) -> None:
+    mirror = start_mirror()
+    image = upstream.images["library/small:latest"]
+    for repo, creds in (("alice/app", ALICE), ("bob/app", BOB)):
+        copy(f"docker://{upstream.host}/{image.ref}", f"docker://{mirror.host}/{repo}:1",
+             "--dest-creds", creds)
+    layer = image.blobs[-1][0]
+    alice = {**bearer(mirror.url, "alice/app"), "Accept": ACCEPT}
+    bob = {**bearer(mirror.url, "bob/app", user=BOB), "Accept": ACCEPT}
+    with httpx.Client(base_url=mirror.url, timeout=30) as client:
+        deleted = client.delete(f"/v2/bob/app/blobs/{layer}", headers=bob)
+        assert deleted.status_code == 202, deleted.text
+        deleted = client.delete(f"/v2/bob/app/manifests/{image.digest}", headers=bob)
+        assert deleted.status_code == 202, deleted.text
+        mark = upstream.registry.mark()
+        blob = client.get(f"/v2/alice/app/blobs/{layer}", headers=alice)
+        assert blob.status_code == 200 and blob.content == image.read_blob(layer)
+        manifest = client.get(f"/v2/alice/app/manifests/{image.digest}", headers=alice)
+        assert manifest.status_code == 200
+        gets = [r for r in upstream.registry.requests(since=mark) if r.method == "GET"]
+        assert gets == [], gets  # both from the cache
+        for path in (f"/v2/bob/app/blobs/{layer}", f"/v2/bob/app/manifests/{image.digest}"):
+            gone = client.get(path, headers=bob)
+            assert gone.status_code == 404, (path, gone.text)
+
+
+def test_uploads_left_by_a_killed_mirror_are_swept_after_restart(
+    upstream: Upstream, start_mirror: StartMirror
+) -> None:
+    mirror = start_mirror(args=["--upload-timeout", "3"])
+    auth = bearer(mirror.url, "team/orphan")
+    location = httpx.post(f"{mirror.url}/v2/team/orphan/blobs/uploads/",
+                          headers=auth).headers["location"]
+    mark = upstream.registry.mark()
+    release = threading.Event()
+
+    def body() -> Iterator[bytes]:
+        yield os.urandom(2 * MiB)
+        release.wait(30)
+
+    def patch() -> None:
+        with contextlib.suppress(httpx.HTTPError):
+            httpx.patch(f"{mirror.url}{location}", headers=auth, content=body(), timeout=30)
+
+    sender = threading.Thread(target=patch)
+    sender.start()
+    try:
+        wait_for(lambda: any(p.stat().st_size >= MiB for p in parts(mirror.cache_dir)),
+                 "the write-through file")
+        mirror.kill()  # SIGKILL, mid-PATCH
+    finally:
+        release.set()
+        sender.join(30)
+    assert parts(mirror.cache_dir)
+    patched = [r.path for r in upstream.registry.requests(since=mark) if r.method == "PATCH"]
+    assert patched, "the upstream saw no PATCH"
+    session_path = patched[0].split("?")[0]
+    mirror.start()
+    wait_for(lambda: not parts(mirror.cache_dir), "the orphan's file to go")
+    wait_for(lambda: any(r.method == "DELETE" and r.path.split("?")[0] == session_path
+                         for r in upstream.registry.requests(since=mark)),
+             "a DELETE of the orphaned upstream session")
+    # The session says why it is gone.
+    late = httpx.get(f"{mirror.url}{location}", headers=auth)
+    assert late.status_code == 400 and "time limit" in late.json()["errors"][0]["message"]
+
+
+def test_an_upload_session_belongs_to_the_account_that_opened_it(
+    upstream: Upstream, start_mirror: StartMirror
+) -> None:
+    mirror = start_mirror()
+    alice = bearer(mirror.url, "team/shared")
+    bob = bearer(mirror.url, "team/shared", user=BOB)  # bob may push there too
+    location = httpx.post(f"{mirror.url}/v2/team/shared/blobs/uploads/",
+                          headers=alice).headers["location"]
+    mark = upstream.registry.mark()
+    data = b"alice's blob"
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    with httpx.Client(base_url=mirror.url) as client:
+        for method in ("GET", "PATCH", "PUT", "DELETE"):
+            stolen = client.request(method, location, headers=bob, content=b"bob's",
+                                    params={"digest": digest})
+            assert stolen.status_code == 404, (method, stolen.text)
+            assert stolen.json()["errors"][0]["code"] == "BLOB_UPLOAD_UNKNOWN"
+        assert [r for r in upstream.registry.requests(since=mark)
+                if "/blobs/uploads/" in r.path] == []
+        # Alice with other credentials for her account (as after a token refresh
+        # mid-push) still owns it.
+        fresh = {"Authorization": "Basic " + base64.b64encode(ALICE.encode()).decode()}
+        done = client.put(location, headers=fresh, content=data, params={"digest": digest})
+        assert done.status_code == 201, done.text

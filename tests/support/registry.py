@@ -33,12 +33,14 @@ ANY = object()
 
 
 def granted_actions(account: str | None, repo: str) -> set[str]:
-    """The test policy: alice may do anything; bob pull+push outside `private/`; anonymous pull
-    outside `private/`."""
+    """The test policy: alice may do anything; bob anything in `bob/`, pull+push elsewhere
+    outside `private/`; anonymous pull outside `private/`."""
     private = repo.startswith("private/")
     if account == "alice":
         return set(ALL_ACTIONS)
     if account == "bob":
+        if repo.startswith("bob/"):
+            return set(ALL_ACTIONS)
         return set() if private else {"pull", "push"}
     return set() if private else {"pull"}
 
