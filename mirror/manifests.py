@@ -297,13 +297,8 @@ class ManifestService:
         if not isinstance(reference, Digest):
             await self.metadata.set_pushed(upstream, repo, reference, time.time())
         else:
-            after = ""
-            while records := await self.metadata.repo_tags(upstream, repo, after):
-                for record in records:
-                    named = await self.metadata.tag_digests(upstream, repo, record.tag)
-                    if str(reference) in named:
-                        await self.metadata.drop_tag(upstream, repo, record.tag)
-                after = records[-1].tag  # pages move strictly forward: the loop ends
+            for tag in await self.metadata.tags_naming(upstream, repo, str(reference)):
+                await self.metadata.drop_tag(upstream, repo, tag)
         await self.forget_tags()
 
     async def forget_tags(self) -> None:

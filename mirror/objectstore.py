@@ -19,6 +19,7 @@ reading these objects).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -27,7 +28,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
 
 import obstore
@@ -36,7 +37,8 @@ from obstore.store import S3Store
 from mirror.reference import Digest
 
 if TYPE_CHECKING:
-    from obstore import AsyncWritableFile
+    from obstore import AsyncWritableFile, GetOptions
+    from obstore.store import ClientConfig
 
 log = logging.getLogger("mirror.objectstore")
 
@@ -113,7 +115,8 @@ class ObjectStore:
         config["region"] = keys.get("AWS_REGION") or "us-east-1"
         self.url = url
         self.endpoint = endpoint
-        self._store = S3Store(self.location.bucket, client_options=options, **config)
+        self._store = S3Store(self.location.bucket, client_options=cast("ClientConfig", options),
+                              **config)
 
     # -- keys ------------------------------------------------------------------------------
 
@@ -145,7 +148,8 @@ class ObjectStore:
         if start or end is not None:
             options["range"] = (start, end) if end is not None else {"offset": start}
         try:
-            result = await obstore.get_async(self._store, self.key(digest), options=options)
+            result = await obstore.get_async(self._store, self.key(digest),
+                                             options=cast("GetOptions", options))
             async for chunk in result.stream(min_chunk_size=READ_CHUNK):
                 yield bytes(chunk)
         except FileNotFoundError:
@@ -226,10 +230,8 @@ class ObjectStore:
         await obstore.put_async(self._store, self.pin_key(owner), data)
 
     async def drop_pin(self, owner: str) -> None:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             await obstore.delete_async(self._store, self.pin_key(owner))
-        except FileNotFoundError:
-            pass
 
     async def iter_pins(self) -> AsyncIterator[tuple[str, list[str]]]:
         prefix = f"{self.location.prefix}pins/"

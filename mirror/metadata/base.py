@@ -188,6 +188,10 @@ class Metadata(abc.ABC):
         """Whether some tag of the repository resolves to `digest`."""
 
     @abc.abstractmethod
+    async def tags_naming(self, upstream: str, repo: str, digest: str) -> list[str]:
+        """The repository's tags with a record (for any Accept set) naming `digest`."""
+
+    @abc.abstractmethod
     async def named(self, digest: str) -> bool:
         """Whether a tag record, a ref or a pin names `digest` directly (a root)."""
 

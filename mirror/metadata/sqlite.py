@@ -391,6 +391,11 @@ class SqliteMetadata(Metadata):
         return self._one("SELECT 1 FROM tags WHERE digest = ? AND upstream = ? AND repo = ? "
                          "LIMIT 1", (digest, upstream, repo)) is not None
 
+    async def tags_naming(self, upstream: str, repo: str, digest: str) -> list[str]:
+        rows = self._all("SELECT DISTINCT tag FROM tags WHERE digest = ? AND upstream = ? AND "
+                         "repo = ?", (digest, upstream, repo))
+        return sorted(r[0] for r in rows)
+
     async def named(self, digest: str) -> bool:
         return any(self._one(sql, (digest,)) is not None for sql in (
             "SELECT 1 FROM tags WHERE digest = ? LIMIT 1",
