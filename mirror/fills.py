@@ -29,7 +29,8 @@ import httpx
 from mirror.download import BodyBroken, Streamed
 from mirror.errors import RegistryError, UpstreamError, UpstreamTimeout
 from mirror.metrics import Metrics
-from mirror.readers import CommittedReader, Fill, LocalReader, Reader, RemoteReader
+from mirror.objectstore import Writer
+from mirror.readers import Fill, LocalReader, Reader, RemoteReader
 from mirror.reference import Digest
 from mirror.relay import Relay
 from mirror.store import CHUNK, DISK_FULL, POLL, FillLock, Store, lock_is_held
@@ -125,11 +126,10 @@ class Fills:
             self.metrics.fill_joins.inc()
 
     async def _committed(self, digest: Digest) -> Reader | None:
-        opened = await self.store.open(digest)
-        if opened is None:
-            return None
-        self.store.recency.touch(digest)
-        return CommittedReader(*opened)
+        reader = await self.store.reader(digest)
+        if reader is not None:
+            self.store.recency.touch(digest)
+        return reader
 
     def _start(self, digest: Digest, lock: FillLock | None, fetch: Fetch, upstream: str,
                expected: int | None) -> Fill:
@@ -179,6 +179,7 @@ class Fills:
         size_path = self.store.size_path(digest) if fill.private is None else None
         fd = -1
         fill.lock = lock
+        upload: Writer | None = None
         try:
             for stale in (part, size_path):
                 with contextlib.suppress(FileNotFoundError):
@@ -186,6 +187,8 @@ class Fills:
                         stale.unlink()
             # However the upstream behaves, a fill ends by this deadline.
             async with asyncio.timeout(self.deadline):
+                if self.store.remote is not None:  # content lives there: stream it up too
+                    fill.upload = upload = await self.store.remote.writer(digest)
                 response = await fetch(0)
                 try:
                     fill.size = self._announced(fill, response)
@@ -210,9 +213,16 @@ class Fills:
                 finally:
                     await response.aclose()
             if fill.relay is None:
-                await self.store.commit(digest, part, fill.upstream or None)
+                if upload is not None:  # verified: now, and only now, the object appears
+                    await upload.complete()
+                await self.store.commit(digest, part, fill.upstream or None,
+                                        uploaded=upload is not None)
+            elif upload is not None:
+                await upload.abort()  # relayed past a full disk: nothing is cached
             fill.committed = True  # verified: readers may have the last byte
         except BaseException as exc:
+            if upload is not None:
+                await upload.abort(exc)  # nothing half-written ever becomes visible
             if isinstance(exc, TimeoutError):
                 exc = UpstreamTimeout(f"download of {digest} did not finish within "
                                       f"{self.deadline:g} s")
@@ -314,6 +324,9 @@ class Fills:
                 landed = await asyncio.to_thread(write, parts)
                 if landed < size:
                     self._detach(fill, fill.written + landed)
+                elif fill.upload is not None:
+                    for part in parts:
+                        await fill.upload.write(part)
             else:
                 await asyncio.to_thread(hash_only, parts)
             if fill.relay is not None:

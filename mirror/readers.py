@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import mmap
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 from mirror.errors import StreamAborted
+from mirror.objectstore import ObjectStoreError, Writer
 from mirror.reference import Digest
 from mirror.relay import Relay
 from mirror.store import CHUNK, POLL, FillLock, Store, lock_is_held
@@ -38,6 +40,7 @@ class Fill:
         self.upstream = ""  # where it downloads from (the holder it records; a label)
         self.expected: int | None = None  # the exact length a descriptor announced
         self.private: Path | None = None  # its own partial: a fill no one else joins
+        self.upload: Writer | None = None  # the object store upload it feeds, if any
 
     def notify(self) -> None:
         event, self._progress = self._progress, asyncio.Event()
@@ -198,3 +201,86 @@ class RemoteReader(Reader):
         # The filler gave up (lock free), or stopped caching (partial unlinked: disk full).
         return (os.fstat(self.fd).st_nlink == 0
                 or not lock_is_held(self.store.lock_path(self.digest)))
+
+
+class ObjectReader(Reader):
+    """Streams committed content from the object store, for a replica without a local copy.
+
+    A whole read also keeps a local copy (when the store keeps them), written and hashed as
+    it streams and put in place only if it hashes to the digest.
+    """
+
+    source = "cache"
+
+    def __init__(self, store: Store, digest: Digest, size: int) -> None:
+        super().__init__(-1, size)
+        self.store = store
+        self.digest = digest
+
+    async def chunks(
+        self, start: int, end: int | None
+    ) -> AsyncIterator[bytes | memoryview]:
+        remote = self.store.remote
+        assert remote is not None and self.size is not None
+        end = self.size if end is None else end
+        copy = self._copy() if start == 0 and end == self.size else None
+        try:
+            async for chunk in remote.read(self.digest, start, end):
+                if copy is not None and not await copy.add(chunk):
+                    copy = None
+                yield chunk
+        except FileNotFoundError:
+            raise StreamAborted(f"{self.digest} is gone from the object store") from None
+        except ObjectStoreError as exc:
+            raise StreamAborted(str(exc)) from None
+        finally:
+            if copy is not None:
+                await copy.finish(self.store.path(self.digest))
+
+    def _copy(self) -> LocalCopy | None:
+        if not self.store.keep_local or self.store.remote is None:
+            return None
+        return LocalCopy(self.store.tmp / f"{self.digest.algorithm}-{self.digest.hex}."
+                         f"{os.getpid()}-{id(self):x}.copy", self.digest, self.size or 0)
+
+
+class LocalCopy:
+    """A local copy of content read from the object store, kept once it hashes right."""
+
+    def __init__(self, path: Path, digest: Digest, size: int) -> None:
+        self.path = path
+        self.digest = digest
+        self.size = size
+        self.hasher = hashlib.new(digest.algorithm)
+        self.written = 0
+        self.fd = -1
+
+    async def add(self, chunk: bytes) -> bool:
+        """Write and hash `chunk`; False once the copy is given up (e.g. a full disk)."""
+        try:
+            if self.fd < 0:
+                self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            await asyncio.to_thread(self._write, chunk)
+        except OSError:
+            await self.finish(None)
+            return False
+        return True
+
+    def _write(self, chunk: bytes) -> None:
+        self.hasher.update(chunk)
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(self.fd, view):]
+        self.written += len(chunk)
+
+    async def finish(self, target: Path | None) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        whole = self.written == self.size and self.hasher.hexdigest() == self.digest.hex
+        if target is not None and whole:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(self.path, target)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()

@@ -103,6 +103,16 @@ class Settings:
     scrub_rate: int = 10 * 2**20
     # Metadata shared by replicas ("": SQLite in the cache directory).
     redis_url: str = ""
+    # Where content lives: "" (the cache directory) or s3://BUCKET[/PREFIX], with the
+    # standard AWS_* settings from the `[storage]` table (the environment wins).
+    storage: str = ""
+    storage_options: dict[str, str] = field(default_factory=dict)
+    # Answer cached blob GETs with a 307 to a presigned URL of the object store.
+    redirect: bool = False
+    # Bytes of local copies of the object store's content a replica keeps (0: none).
+    hot_cache_size: int = 0
+    # Seconds a replica's claim on a download lasts unless renewed (its heartbeat renews it).
+    fill_lease: float = 10.0
     # Bounds of the per-process memory caches.
     tag_cache_entries: int = 100_000
     negative_cache_entries: int = 10_000
@@ -292,12 +302,36 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "upstream_deadline": _positive,
     "scrub_rate": _size,
     "redis_url": lambda n, v: _redis_url(n, v),
+    "storage": lambda n, v: _storage(n, v),
+    "redirect": _bool,
+    "hot_cache_size": _size,
+    "fill_lease": _above_zero,
     "tag_cache_entries": _at_least_one,
     "negative_cache_entries": _at_least_one,
     "manifest_cache_bytes": _size,
     "token_cache_entries": _at_least_one,
     "link_cache_entries": _at_least_one,
 }
+
+
+STORAGE_KEYS = ("url", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                "AWS_REGION")
+
+
+def _storage(name: str, value: Any) -> Any:
+    """A URL (flag, environment, file), or the settings file's `[storage]` table."""
+    if isinstance(value, dict):
+        unknown = set(value) - set(STORAGE_KEYS)
+        if unknown:
+            raise SettingsError(f"{name}: unknown key(s) {sorted(unknown)} in [storage]; "
+                                f"expected {', '.join(STORAGE_KEYS)}")
+        table = {k: str(v) for k, v in value.items()}
+        _storage(name, table.get("url", ""))
+        return table
+    text = str(value or "")
+    if text and not (text.startswith("s3://") and urlsplit(text).netloc):
+        raise SettingsError(f"{name}: expected s3://BUCKET[/PREFIX], got {text!r}")
+    return text
 
 
 def _redis_url(name: str, value: Any) -> str:
@@ -313,8 +347,15 @@ def load(flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None =
     flags = {k: v for k, v in (flags or {}).items() if v is not None}
     config = flags.pop("config", None) or env.get(ENV_PREFIX + "CONFIG")
     merged: dict[str, Any] = {}
+    options: dict[str, str] = {}
     if config:
-        merged.update(_read_toml(Path(config)))
+        data = _read_toml(Path(config))
+        if isinstance(data.get("storage"), dict):  # [storage]: url and the AWS_* keys
+            table = _storage("storage", data["storage"])
+            assert isinstance(table, dict)
+            options = {k: v for k, v in table.items() if k != "url"}
+            data["storage"] = table.get("url", "")
+        merged.update(data)
     for key in _PARSERS:
         if ENV_PREFIX + key.upper() in env:
             merged[key] = env[ENV_PREFIX + key.upper()]
@@ -331,6 +372,13 @@ def load(flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None =
         values["access_log"] = "on"
     if bool(values.get("tls_cert")) != bool(values.get("tls_key")):
         raise SettingsError("tls_cert, tls_key: give both (certificate chain and key) or neither")
+    if options:
+        values["storage_options"] = options
+    if values.get("storage") and not values.get("redis_url"):
+        raise SettingsError("storage: s3:// storage needs redis_url (--redis): replicas share "
+                            "their metadata there")
+    if values.get("redirect") and not values.get("storage"):
+        raise SettingsError("redirect: needs s3:// storage to redirect to")
     return Settings(**values)
 
 

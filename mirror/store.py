@@ -26,10 +26,15 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from mirror.metadata import Metadata
+from mirror.metadata import ContentRecord, Metadata
+from mirror.objectstore import ObjectStore
 from mirror.recency import Recency
 from mirror.reference import ALGORITHMS, Digest
+
+if TYPE_CHECKING:
+    from mirror.readers import Reader
 
 log = logging.getLogger("mirror.store")
 
@@ -50,8 +55,13 @@ class Entry:
 
 
 class Store:
-    def __init__(self, root: Path, metadata: Metadata) -> None:
+    def __init__(self, root: Path, metadata: Metadata, remote: ObjectStore | None = None,
+                 keep_local: bool = True) -> None:
+        """`remote`: the object store content lives in (then the files under `root` are
+        scratch for fills and, with `keep_local`, a hot tier of local copies)."""
         self.root = root
+        self.remote = remote
+        self.keep_local = keep_local or remote is None
         self.blobs = root / "blobs"
         self.tmp = root / "tmp"
         self.locks = root / "locks"
@@ -105,32 +115,82 @@ class Store:
         emptied): it is removed and reads as a miss, so the next fill fetches it again. A
         file without a record reads as a miss too (a fill then records it).
         """
-        record = await self.metadata.content(str(digest))
+        record = await self.record(digest)
         if record is None:
             return None
         try:
             fd = os.open(self.path(digest), os.O_RDONLY)
         except FileNotFoundError:
-            await self.metadata.drop_content([str(digest)])  # removed behind our back
+            if self.remote is None:
+                await self.metadata.drop_content([str(digest)])  # removed behind our back
             return None
         size = os.fstat(fd).st_size
         if size != record.size:
             os.close(fd)
-            await self.damaged(digest, f"{size} bytes on disk, {record.size} verified")
+            await self.damaged(digest, f"{size} bytes on disk, {record.size} verified",
+                               local_only=True)
             return None
         return fd, size
+
+    async def record(self, digest: Digest) -> ContentRecord | None:
+        """The content's record; with an object store, rebuilt from the object when the
+        metadata store lost it (the bucket is the source of truth)."""
+        record = await self.metadata.content(str(digest))
+        if record is None and self.remote is not None:
+            size = await self.remote.size(digest)
+            if size is not None:
+                await self.metadata.add_content(str(digest), size, None, time.time())
+                record = await self.metadata.content(str(digest))
+        return record
+
+    async def reader(self, digest: Digest) -> Reader | None:
+        """A reader over committed content: the local copy, else the object store's."""
+        from mirror.readers import CommittedReader, ObjectReader  # they read from a Store
+
+        opened = await self.open(digest)
+        if opened is not None:
+            return CommittedReader(*opened)
+        if self.remote is not None:
+            record = await self.record(digest)
+            if record is not None:
+                return ObjectReader(self, digest, record.size)
+        return None
 
     async def committed_size(self, digest: Digest) -> int | None:
         """The size of committed content that checks out (see `open`), else None."""
         opened = await self.open(digest)
-        if opened is None:
-            return None
-        os.close(opened[0])
-        return opened[1]
+        if opened is not None:
+            os.close(opened[0])
+            return opened[1]
+        if self.remote is not None:
+            record = await self.record(digest)
+            return None if record is None else record.size
+        return None
+
+    async def holds(self, upstream: str, digest: Digest) -> bool:
+        """Whether `upstream` delivered the content (rule 1 of `mirror.access`)."""
+        if await self.metadata.holds(upstream, str(digest)):
+            return True
+        if self.remote is not None and await self.remote.holds(upstream, digest):
+            await self.metadata.add_holder(str(digest), upstream)  # rebuilt from the bucket
+            return True
+        return False
+
+    async def add_holder(self, upstream: str, digest: Digest) -> None:
+        if self.remote is not None:
+            await self.remote.add_holder(upstream, digest)
+        await self.metadata.add_holder(str(digest), upstream)
 
     async def read(self, digest: Digest) -> bytes | None:
         """Small committed content (manifests), checked like `open`."""
         opened = await self.open(digest)
+        if opened is None and self.remote is not None:
+            record = await self.record(digest)
+            data = await self.remote.read_all(digest) if record else None
+            if data is not None and record is not None and len(data) != record.size:
+                await self.damaged(digest, "object of the wrong length")
+                return None
+            return data
         if opened is None:
             return None
         fd, size = opened
@@ -139,28 +199,45 @@ class Store:
         finally:
             os.close(fd)
         if len(data) != size:
-            await self.damaged(digest, "short read")
+            await self.damaged(digest, "short read", local_only=True)
             return None
         return data
 
-    async def damaged(self, digest: Digest, why: str) -> None:
+    async def damaged(self, digest: Digest, why: str, local_only: bool = False) -> None:
+        """Content that failed a check: removed, so the next read fetches it again. With an
+        object store, a damaged local copy (`local_only`) costs only that copy."""
         log.warning("damaged cache entry %s (%s): removed; it will be fetched again",
                     digest, why)
         if self.on_damage is not None:
             self.on_damage(digest)
+        if local_only and self.remote is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path(digest))
+            return
         await self.remove(digest)
 
-    async def commit(self, digest: Digest, partial: Path, holder: str | None) -> Path:
+    async def commit(self, digest: Digest, partial: Path, holder: str | None,
+                     uploaded: bool = False) -> Path:
         """Move a verified partial into place (atomic; the partial's inode is kept).
 
-        The record goes first: a reader that finds the file then always finds its record.
+        With an object store the content goes there (unless `uploaded` already, as a fill
+        streams it) and the file stays only as a local copy (`keep_local`). The record goes
+        after the content: a reader that finds the record then always finds the content.
         `holder`: the upstream that delivered the bytes (see `mirror.access`).
         """
         final = self.path(digest)
         final.parent.mkdir(parents=True, exist_ok=True)
         size = os.stat(partial).st_size
+        if self.remote is not None:
+            if not uploaded:
+                await self.remote.put_file(digest, partial)
+            if holder is not None:
+                await self.remote.add_holder(holder, digest)
         new = await self.metadata.add_content(str(digest), size, holder, time.time())
-        os.rename(partial, final)
+        if self.keep_local:
+            os.rename(partial, final)
+        else:
+            partial.unlink(missing_ok=True)
         self.recency.touch(digest)
         if new and self.on_commit is not None:
             self.on_commit(size)
@@ -184,11 +261,23 @@ class Store:
         return True
 
     async def remove(self, digest: Digest) -> None:
-        """Remove content: the file, then its record (a reader with the file open keeps
-        reading it whole)."""
+        """Remove content: the file (and object), then its record (a reader with the file
+        open keeps reading it whole)."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path(digest))
+        if self.remote is not None:
+            await self.remote.delete(digest)
         await self.metadata.drop_content([str(digest)])
+
+    async def pin(self, owner: str, digests: list[str]) -> None:
+        if self.remote is not None:
+            await self.remote.put_pin(owner, digests)
+        await self.metadata.pin(owner, digests)
+
+    async def unpin(self, owner: str) -> list[str]:
+        if self.remote is not None:
+            await self.remote.drop_pin(owner)
+        return await self.metadata.unpin(owner)
 
     def entries(self) -> Iterator[Entry]:
         """Every file under blobs/, as the walk finds it (files may come and go meanwhile).
