@@ -9,14 +9,41 @@ operation requires them. botocore presigns with SigV2 for a custom endpoint unle
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import botocore.config
     from obstore.store import S3Store
 
-    from .ceph import Ceph
+
+class S3Target(Protocol):
+    """Where and as whom: a `support.ceph.Ceph`, or an `S3Account`."""
+
+    @property
+    def endpoint(self) -> str: ...
+    @property
+    def access_key(self) -> str: ...
+    @property
+    def secret_key(self) -> str: ...
+    @property
+    def region(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class S3Account:
+    endpoint: str
+    access_key: str
+    secret_key: str
+    region: str
+
+    @classmethod
+    def from_env(cls) -> S3Account:
+        """From the variables `Ceph.env()` sets."""
+        return cls(os.environ["AWS_ENDPOINT_URL"], os.environ["AWS_ACCESS_KEY_ID"],
+                   os.environ["AWS_SECRET_ACCESS_KEY"], os.environ["AWS_REGION"])
 
 
 def botocore_config(**overrides: Any) -> botocore.config.Config:
@@ -35,40 +62,43 @@ def botocore_config(**overrides: Any) -> botocore.config.Config:
     return botocore.config.Config(**options)
 
 
-def botocore_client(ceph: Ceph, **config: Any) -> Any:
+def botocore_client(target: S3Target, **config: Any) -> Any:
     """A synchronous botocore S3 client for the test user (thread-safe)."""
     import botocore.session
 
     return botocore.session.get_session().create_client(
-        "s3", endpoint_url=ceph.endpoint, region_name=ceph.region,
-        aws_access_key_id=ceph.access_key, aws_secret_access_key=ceph.secret_key,
+        "s3", endpoint_url=target.endpoint, region_name=target.region,
+        aws_access_key_id=target.access_key, aws_secret_access_key=target.secret_key,
         config=botocore_config(**config))
 
 
 @contextlib.asynccontextmanager
-async def aiobotocore_client(ceph: Ceph, **config: Any) -> AsyncIterator[Any]:
+async def aiobotocore_client(target: S3Target, **config: Any) -> AsyncIterator[Any]:
     """`async with aiobotocore_client(ceph) as s3:` an aiobotocore S3 client for the test user."""
     from aiobotocore.session import get_session
 
     async with get_session().create_client(
-        "s3", endpoint_url=ceph.endpoint, region_name=ceph.region,
-        aws_access_key_id=ceph.access_key, aws_secret_access_key=ceph.secret_key,
+        "s3", endpoint_url=target.endpoint, region_name=target.region,
+        aws_access_key_id=target.access_key, aws_secret_access_key=target.secret_key,
         config=botocore_config(**config),
     ) as client:
         yield client
 
 
-def obstore_store(ceph: Ceph, bucket: str, **config: Any) -> S3Store:
+def obstore_store(target: S3Target, bucket: str, *,
+                  client_options: dict[str, Any] | None = None, **config: Any) -> S3Store:
     """An obstore S3Store on `bucket` for the test user (plain http, path style)."""
     from obstore.store import S3Store
 
+    options = {"allow_http": True, "connect_timeout": "5s", "timeout": "120s"}
+    options.update(client_options or {})
     return S3Store(
         bucket,
-        endpoint=ceph.endpoint,
-        access_key_id=ceph.access_key,
-        secret_access_key=ceph.secret_key,
-        region=ceph.region,
+        endpoint=target.endpoint,
+        access_key_id=target.access_key,
+        secret_access_key=target.secret_key,
+        region=target.region,
         virtual_hosted_style_request=False,
-        client_options={"allow_http": True, "connect_timeout": "5s", "timeout": "120s"},
+        client_options=options,  # type: ignore[arg-type]
         **config,
     )
