@@ -282,6 +282,39 @@ def test_obstore_aborts_multipart_when_the_source_fails(ceph: Ceph, s3_bucket: s
     assert pending_uploads(ceph, s3_bucket) == []
 
 
+def test_obstore_writer_aborts_on_error_and_on_cancellation(ceph: Ceph,
+                                                            s3_bucket: str) -> None:
+    """`open_writer_async` aborts its multipart upload when the `async with` body raises or
+    is cancelled (a cancelled `put_async` leaves its upload pending: see
+    tests/bench/s3_clients.py)."""
+    store = obstore_store(ceph, s3_bucket)
+
+    async def write(key: str, fail: bool) -> None:
+        async with obstore.open_writer_async(store, key, buffer_size=5 * MiB,
+                                             max_concurrency=2) as writer:
+            async for piece in chunks(64, MiB):
+                await writer.write(piece)
+                await asyncio.sleep(0.01)
+                if fail and piece == chunk(11, MiB):
+                    raise RuntimeError("relay broke")
+
+    async def scenario() -> None:
+        with pytest.raises(RuntimeError, match="relay broke"):
+            await write("failed", fail=True)
+        task = asyncio.create_task(write("cancelled", fail=False))
+        await asyncio.sleep(0.5)  # past the first part
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await write("written", fail=False)
+
+    run(scenario())
+    assert pending_uploads(ceph, s3_bucket) == []
+    assert keys(ceph, s3_bucket) == ["written"]
+    head = ceph.client().head_object(Bucket=s3_bucket, Key="written")
+    assert head["ContentLength"] == 64 * MiB and head["ETag"].endswith('-13"')
+
+
 # -- ranged GET --------------------------------------------------------------------------------
 
 
