@@ -145,7 +145,8 @@ class Ceph:
 
     def env(self) -> dict[str, str]:
         """AWS_* variables pointing an S3 client (obstore, botocore, the aws CLI) at the
-        radosgw with the test user's credentials."""
+        radosgw with the test user's credentials. obstore also needs plain http allowed
+        (`client_options={"allow_http": True}`, or AWS_ALLOW_HTTP=true)."""
         return {
             "AWS_ENDPOINT_URL": self.endpoint,
             "AWS_ACCESS_KEY_ID": self.access_key,
