@@ -382,8 +382,6 @@ def test_presigned_get_is_host_bound_and_expires(ceph: Ceph, s3_bucket: str,
     body = data(1, 4096)
     ceph.client().put_object(Bucket=s3_bucket, Key="p/q", Body=body)
     url = run(presign(ceph, s3_bucket, "p/q", 60))
-    short = run(presign(ceph, s3_bucket, "p/q", 1))
-    signed_at = time.time()
     assert "X-Amz-Algorithm=AWS4-HMAC-SHA256" in url and "X-Amz-SignedHeaders=host" in url
 
     with httpx.Client(timeout=TIMEOUT, trust_env=False) as http:
@@ -391,7 +389,6 @@ def test_presigned_get_is_host_bound_and_expires(ceph: Ceph, s3_bucket: str,
         assert r.status_code == 200 and r.content == body
         r = http.get(url, headers={"Range": "bytes=10-19"})
         assert r.status_code == 206 and r.content == body[10:20]
-        assert http.get(short).status_code == 200
         # the same URL presented under another host name: the signature no longer matches
         r = http.get(url, headers={"Host": f"localhost:{ceph.rgw_port}"})
         assert r.status_code == 403 and b"SignatureDoesNotMatch" in r.content
@@ -399,8 +396,17 @@ def test_presigned_get_is_host_bound_and_expires(ceph: Ceph, s3_bucket: str,
         assert http.get(url.replace("/p/q?", "/p/r?")).status_code == 403
         # without the signature: anonymous, refused
         assert http.get(url.split("?")[0]).status_code == 403
-        # expired
-        time.sleep(max(0.0, signed_at + 2.2 - time.time()))
+        # valid for 3 s (X-Amz-Date counts whole seconds, so 2 to 3 s): works, then expires;
+        # signed again if a busy machine took 2 s to get from signing to the GET
+        for _ in range(3):
+            before = time.time()
+            short = run(presign(ceph, s3_bucket, "p/q", 3))
+            signed_at = time.time()
+            status = http.get(short).status_code
+            if status == 200 or time.time() - before < 2:
+                break
+        assert status == 200
+        time.sleep(max(0.0, signed_at + 4.2 - time.time()))
         r = http.get(short)
         assert r.status_code == 403 and b"AccessDenied" in r.content
 
