@@ -11,14 +11,16 @@ import pytest
 if str(Path(__file__).parent) not in sys.path:  # `support` importable however we're loaded
     sys.path.insert(0, str(Path(__file__).parent))
 
+from support.cluster_fixtures import ceph, redis_server, redis_url, s3_bucket
 from support.daemons import containerd, containerd_session, dockerd_factory
 from support.images import ImageInfo, seed, skopeo, skopeo_copy_to_dir
 from support.procs import MirrorProc
 from support.registry import Registry, TokenIssuer, Upstream
 
 __all__ = [
-    "ImageInfo", "MirrorProc", "StartMirror", "Upstream", "containerd", "containerd_session",
-    "dockerd_factory", "skopeo", "skopeo_copy_to_dir",
+    "ImageInfo", "MirrorProc", "StartMirror", "Upstream", "ceph", "containerd",
+    "containerd_session", "dockerd_factory", "redis_server", "redis_url", "s3_bucket", "skopeo",
+    "skopeo_copy_to_dir",
 ]
 
 StartMirror = Callable[..., MirrorProc]

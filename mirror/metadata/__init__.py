@@ -27,5 +27,8 @@ def create(cache_dir: Path, redis_url: str = "") -> Metadata:
     """The metadata store settings ask for: Redis when a URL is given, else SQLite in the
     cache directory (importing a previous release's index there once)."""
     if redis_url:
-        raise MetadataError("a Redis metadata store is not available in this build")
+        # Imported here: loading redis-py takes ~90 ms that the embedded default need not pay.
+        from mirror.metadata.redis import RedisMetadata
+
+        return RedisMetadata(redis_url)
     return SqliteMetadata(database_path(cache_dir), legacy_root=cache_dir)
