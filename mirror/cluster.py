@@ -178,7 +178,7 @@ class PeerReader(Reader):
         self.owner = owner
         self.digest = digest
         self._response: aiohttp.ClientResponse | None = None
-        self._span = (0, None)
+        self._span: tuple[int, int | None] = (0, None)
 
     async def start(self, start: int, end: int | None) -> None:
         self._response = await self.cluster.request(self.owner, self.digest, start, end)

@@ -669,6 +669,12 @@ class RedisMetadata(Metadata):
         return bool(await self.client.zrangebylex(self._key("names", digest), lo, hi, 0, 1))
 
     @guarded
+    async def tags_naming(self, upstream: str, repo: str, digest: str) -> list[str]:
+        lo, hi = under("t", upstream, repo)
+        members = await self.client.zrangebylex(self._key("names", digest), lo, hi)
+        return sorted({str(m).rpartition(SEP)[2] for m in members})
+
+    @guarded
     async def named(self, digest: str) -> bool:
         return bool(await self.client.exists(self._key("names", digest),
                                              self._key("pinners", digest)))

@@ -214,6 +214,10 @@ async def test_named_and_tagged(meta: Metadata) -> None:
     assert not await meta.tagged("docker.io", "library/alpin", D1)
     assert not await meta.tagged("docker.io", "library/alpine/x", D1)
     assert not await meta.tagged("ghcr.io", "library/alpine", D1)
+    await meta.set_tag(record("other", D1), None)
+    assert await meta.tags_naming("docker.io", "library/alpine", D1) == ["3", "other"]
+    assert await meta.tags_naming("docker.io", "library/alpin", D1) == []
+    await meta.drop_tag("docker.io", "library/alpine", "other")
 
     await meta.set_tag(record("3", D2), (OCI,))  # no record names D1 any more
     assert not await meta.named(D1)
