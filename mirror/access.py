@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import cachetools
@@ -112,8 +112,13 @@ def _digests(value: object, key: str) -> list[str]:
 
 class Access:
     def __init__(self, metadata: Metadata, ttl: float = 60.0,
-                 clock: Callable[[], float] = time.time, memo: int = 100_000) -> None:
+                 clock: Callable[[], float] = time.time, memo: int = 100_000,
+                 holds: Callable[[str, Digest], Awaitable[bool]] | None = None) -> None:
         self.metadata = metadata
+        # Whether an upstream holds content: the store's answer (which rebuilds the fact from
+        # the object store when the metadata store lost it), or the metadata's alone.
+        self._holds = holds or (lambda upstream, digest: metadata.holds(upstream,
+                                                                          str(digest)))
         self.ttl = ttl
         self.clock = clock
         # Links already written by this process: spares a write per read, decides nothing.
@@ -207,7 +212,7 @@ class Access:
     # -- content (rule 1) ------------------------------------------------------------------
 
     async def holds(self, client: UpstreamClient, digest: Digest) -> bool:
-        return await self.metadata.holds(client.name, str(digest))
+        return await self._holds(client.name, digest)
 
     # -- decisions (rule 4) ----------------------------------------------------------------
 
@@ -219,7 +224,7 @@ class Access:
         name, text = client.name, str(digest)
         if (await self.granted(client, repo, caller)
                 and await self.metadata.linked(name, repo, text)):
-            return Decision(await self.metadata.holds(name, text))
+            return Decision(await self._holds(name, digest))
         if client.offline:
             raise self.unproven(client, repo, caller)
         headers = {"Accept": MANIFEST_ACCEPT} if kind == "manifests" else {}
@@ -233,7 +238,7 @@ class Access:
         except OUTAGE:
             if (await self.granted(client, repo, caller, lasting=True)
                     and await self.metadata.linked(name, repo, text)):
-                return Decision(await self.metadata.holds(name, text))
+                return Decision(await self._holds(name, digest))
             raise
         except errors.RegistryError as exc:
             raise await self.refused(client, repo, caller, exc) from None
@@ -241,4 +246,4 @@ class Access:
         await self.link(client, repo, [text])
         length = response.headers.get("content-length", "")
         size = int(length) if length.isascii() and length.isdigit() else None
-        return Decision(await self.metadata.holds(name, text), size)
+        return Decision(await self._holds(name, digest), size)

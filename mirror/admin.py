@@ -221,7 +221,7 @@ async def rm(store: Store, settings: Settings, text: str) -> int:
     if not roots:
         print(f"mirror: {ref} is not in the cache", file=sys.stderr)
         return 1
-    await metadata.unpin(str(ref))
+    await store.unpin(str(ref))
     doomed = await closure(metadata, roots)
     reach = Reachability(metadata, ignore=doomed)
     free = [d for d in doomed if not await reach.used(d)]

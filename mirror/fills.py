@@ -23,6 +23,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import httpx
 
@@ -30,6 +31,9 @@ from mirror.download import BodyBroken, Streamed
 from mirror.errors import RegistryError, UpstreamError, UpstreamTimeout
 from mirror.metrics import Metrics
 from mirror.objectstore import Writer
+
+if TYPE_CHECKING:
+    from mirror.cluster import Cluster
 from mirror.readers import Fill, LocalReader, Reader, RemoteReader
 from mirror.reference import Digest
 from mirror.relay import Relay
@@ -58,6 +62,7 @@ class Fills:
         self.max_size = max_size  # no blob is longer (max_layer_size)
         self.deadline = deadline  # seconds a whole download may take (upstream_deadline)
         self.active: dict[Digest, Fill] = {}
+        self.cluster: Cluster | None = None  # replicas to share downloads with
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def open(self, digest: Digest, fetch: Fetch, upstream: str = "", *,
@@ -89,7 +94,18 @@ class Fills:
                     if await self.store.committed_size(digest) is not None:
                         lock.release()
                         continue
+                    claim = None
+                    if self.cluster is not None:  # one download for the whole cluster
+                        claimed = await self.cluster.claim(digest)
+                        if isinstance(claimed, str):  # another replica downloads it
+                            lock.release()
+                            reader = await self.cluster.follow(claimed, digest)
+                            self._joined()
+                            self._count("miss")
+                            return reader
+                        claim = claimed
                     fill = self._start(digest, lock, fetch, upstream, expected)
+                    fill.claim = claim
             if fill is not None:
                 await fill.started.wait()
                 if fill.error is not None and fill.size is None:
@@ -106,6 +122,20 @@ class Fills:
             if remote == "elsewhere":
                 return await self._own(digest, fetch, upstream, expected)
         raise UpstreamError(f"could not fetch {digest}: the download kept failing")
+
+    async def serve_peer(self, digest: Digest) -> Reader | None:
+        """For another replica following a fill of ours: its bytes from this host (the fill
+        in this process, another worker's, or the content once committed)."""
+        fill = self.active.get(digest)
+        if fill is not None:
+            await fill.started.wait()
+            if fill.fd >= 0:
+                return LocalReader(os.dup(fill.fd), fill)
+        reader = await self._committed(digest)
+        if reader is not None:
+            return reader
+        remote = await self._follow_remote(digest, None)
+        return remote if isinstance(remote, Reader) else None
 
     async def _own(self, digest: Digest, fetch: Fetch, upstream: str,
                    expected: int | None) -> Reader:
@@ -247,6 +277,8 @@ class Fills:
             fill.fd = -1
             if lock is not None:
                 lock.release()
+            if fill.claim is not None:
+                await fill.claim.release()
             if self.active.get(digest) is fill:
                 del self.active[digest]
             if self.metrics is not None:

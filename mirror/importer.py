@@ -243,11 +243,11 @@ class Importer:
                                                      size))
                 await metadata.link(ref.upstream, ref.repo, closure.digests)
                 for digest in closure.digests:
-                    await metadata.add_holder(digest, ref.upstream)
+                    await self.store.add_holder(ref.upstream, parse_digest(digest))
                 await metadata.grant(Grant(ref.upstream, ref.repo, ANONYMOUS_IDENTITY,
                                            time.time(), True))
             if self.pin:
-                await metadata.pin(image.label, closure.digests)
+                await self.store.pin(image.label, closure.digests)
 
     def discard(self) -> None:
         for path in self.staged.values():

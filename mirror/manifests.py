@@ -345,7 +345,7 @@ class ManifestService:
         delivered are never taken for this one's (see `mirror.access`)."""
         name = f"{digest.algorithm}-{digest.hex}"
         for _ in range(3):
-            if await self.metadata.holds(client.name, str(digest)):
+            if await self.store.holds(client.name, digest):
                 manifest = await self.cached(digest)
                 if manifest is not None:
                     return manifest
@@ -410,5 +410,5 @@ class ManifestService:
         if await self.store.committed_size(info.digest) is None:
             await self.store.write(info.digest, manifest.data, holder)
         else:
-            await self.metadata.add_holder(str(info.digest), holder)
+            await self.store.add_holder(holder, info.digest)
         self._hot[info.digest] = manifest

@@ -152,9 +152,13 @@ class Health:
         return JSONResponse({"status": "ok"})
 
     async def readyz(self, request: Request) -> Response:
-        checks = {"cache_writable": self._writable(),
-                  "upstream": "offline" if self.offline else await self._upstream()}
-        ready = checks["cache_writable"] is True and checks["upstream"] in (True, "offline")
+        checks: dict[str, bool | str] = {
+            "cache_writable": self._writable(),
+            "upstream": "offline" if self.offline else await self._upstream(),
+            "metadata": await self.store.metadata.ping()}
+        if self.store.remote is not None:
+            checks["object_store"] = await self.store.remote.ping()
+        ready = all(v is True or v == "offline" for v in checks.values())
         return JSONResponse({"ready": ready, **checks}, status_code=200 if ready else 503)
 
     def _writable(self) -> bool:

@@ -14,9 +14,13 @@ import mmap
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mirror.errors import StreamAborted
 from mirror.objectstore import ObjectStoreError, Writer
+
+if TYPE_CHECKING:
+    from mirror.cluster import Claim
 from mirror.reference import Digest
 from mirror.relay import Relay
 from mirror.store import CHUNK, POLL, FillLock, Store, lock_is_held
@@ -41,6 +45,7 @@ class Fill:
         self.expected: int | None = None  # the exact length a descriptor announced
         self.private: Path | None = None  # its own partial: a fill no one else joins
         self.upload: Writer | None = None  # the object store upload it feeds, if any
+        self.claim: Claim | None = None  # its claim in the cluster, if any
 
     def notify(self) -> None:
         event, self._progress = self._progress, asyncio.Event()

@@ -101,7 +101,7 @@ class Seeder:
         outcome.digest = str(root_digest)
         missing = {d: s for d, s in layers.items()
                    if await services.store.committed_size(parse_digest(d)) is None
-                   or not await services.metadata.holds(client.name, d)}
+                   or not await services.store.holds(client.name, parse_digest(d))}
         outcome.blobs = len(layers)
         outcome.cached = sum(max(s, 0) for d, s in layers.items() if d not in missing)
         task.set_total(sum(max(s, 0) for s in missing.values()))
@@ -118,7 +118,7 @@ class Seeder:
         outcome.digests = [*manifests, *layers]
         await metadata.link(ref.upstream, ref.repo, outcome.digests)
         if self.pin:
-            await metadata.pin(str(ref), outcome.digests)
+            await services.store.pin(str(ref), outcome.digests)
         await self._probe_public(client, ref.repo, str(root_digest))
 
     async def _probe_public(self, client: UpstreamClient, repo: str, digest: str) -> None:

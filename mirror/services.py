@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mirror import metadata as metadata_module
+from mirror import objectstore
 from mirror.access import Access
 from mirror.blobs import BlobService
 from mirror.fills import Fills
@@ -32,6 +33,8 @@ class Services:
 
     async def aclose(self) -> None:
         await self.fills.aclose()
+        if self.fills.cluster is not None:
+            await self.fills.cluster.aclose()
         for client in self.clients.values():
             await client.aclose()
         await self.store.close()
@@ -42,7 +45,9 @@ def build(settings: Settings, metrics: Metrics | None = None) -> Services:
     metadata = metadata_module.create(settings.cache_dir, settings.redis_url)
     if isinstance(metadata, metadata_module.SqliteMetadata):
         metadata.open_sync()  # migrations run here, before any request
-    store = Store(settings.cache_dir, metadata)
+    remote = objectstore.from_settings(settings.storage, settings.storage_options)
+    store = Store(settings.cache_dir, metadata, remote,
+                  keep_local=remote is None or settings.hot_cache_size > 0)
     clients = {u.name: UpstreamClient(u, settings, metrics) for u in settings.upstreams}
 
     def tag_ttl(client: UpstreamClient) -> float:
@@ -57,6 +62,7 @@ def build(settings: Settings, metrics: Metrics | None = None) -> Services:
         tag_entries=settings.tag_cache_entries,
         negative_entries=settings.negative_cache_entries,
         hot_bytes=settings.manifest_cache_bytes)
-    access = Access(metadata, settings.access_ttl, memo=settings.link_cache_entries)
+    access = Access(metadata, settings.access_ttl, memo=settings.link_cache_entries,
+                    holds=store.holds)
     return Services(settings, metadata, store, clients, fills, manifests,
                     BlobService(store, fills), access, Identities(metadata.secret))

@@ -65,7 +65,7 @@ class WriteThrough:
         with contextlib.suppress(OSError):
             partial.unlink(missing_ok=True)
         if actual == digest.hex:  # cached already: the upstream holds it now too
-            await self.store.metadata.add_holder(str(digest), holder)
+            await self.store.add_holder(holder, digest)
 
 
 class Tee:
