@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator, Iterable
 
 import cachetools
 
-from mirror import imageref
+from mirror import imageref, objectstore
 from mirror import metadata as metadata_module
 from mirror.errors import RegistryError
 from mirror.evict import default_budget
@@ -60,6 +60,8 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         parser.add_argument("--cache-dir", metavar="DIR", help="where the cache lives")
         parser.add_argument("--redis", dest="redis_url", metavar="URL",
                             help="shared metadata store (as for serve)")
+        parser.add_argument("--storage", metavar="URL",
+                            help="where content lives: s3://BUCKET[/PREFIX] (as for serve)")
     parsers["rm"].add_argument("image", metavar="IMAGE",
                                help="[UPSTREAM/]REPO[:TAG] or [UPSTREAM/]REPO@DIGEST")
     parsers["gc"].add_argument(
@@ -68,13 +70,14 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def run(args: argparse.Namespace) -> int:
-    flags = {"config": args.config, "cache_dir": args.cache_dir, "redis_url": args.redis_url}
+    flags = {"config": args.config, "cache_dir": args.cache_dir, "redis_url": args.redis_url,
+             "storage": args.storage}
     try:
         settings = load({k: v for k, v in flags.items() if v is not None})
     except SettingsError as exc:
         print(f"mirror: bad setting: {exc}", file=sys.stderr)
         return 2
-    if not (settings.cache_dir / "blobs").is_dir():
+    if not settings.storage and not (settings.cache_dir / "blobs").is_dir():
         print(f"mirror: no cache in {settings.cache_dir}", file=sys.stderr)
         return 2
     try:
@@ -89,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
 async def _run(settings: Settings, args: argparse.Namespace) -> int:
     metadata = metadata_module.create(settings.cache_dir, settings.redis_url)
     await metadata.open()
-    store = Store(settings.cache_dir, metadata)
+    remote = objectstore.from_settings(settings.storage, settings.storage_options)
+    store = Store(settings.cache_dir, metadata, remote, keep_local=remote is None)
     try:
         command = args.cache_command
         if command == "ls":
@@ -246,7 +250,9 @@ async def gc(store: Store, min_age: float) -> int:
             removed, freed, batch = removed + r, freed + f, []
     r, f = await _remove(store, batch)
     removed, freed = removed + r, freed + f
-    strays = await _remove_strays(store, min_age)
+    # Strays: files nothing records. In an object store an unrecorded object may be content
+    # whose record the metadata store lost (`verify` records it again): never removed here.
+    strays = await _remove_strays(store, min_age) if store.remote is None else 0
     partials = store.cleanup_partials()
     locks = _remove_idle_locks(store)
     print(f"removed {removed} entries ({human_bytes(freed)}) no image uses, {strays} stray "
@@ -256,6 +262,8 @@ async def gc(store: Store, min_age: float) -> int:
 
 async def verify(store: Store) -> int:
     """Re-hash every file under blobs/ (streamed); remove bad ones, record unknown good ones."""
+    if store.remote is not None:
+        return await verify_objects(store)
     checked = bad = 0
     size = 0
     for entry in store.entries():
@@ -277,6 +285,34 @@ async def verify(store: Store) -> int:
         if entry.digest is not None:
             await store.metadata.drop_content([str(entry.digest)])
     print(f"verified {checked} entries ({human_bytes(size)}): {bad} bad")
+    return 1 if bad else 0
+
+
+async def verify_objects(store: Store) -> int:
+    """Re-hash every object in the object store (streamed); remove bad ones, and record good
+    ones the metadata store lacks (after it was flushed, this rebuilds the content index)."""
+    remote = store.remote
+    assert remote is not None
+    checked = bad = size = 0
+    async for digest, length in remote.iter_content():
+        checked += 1
+        size += length
+        if digest.algorithm not in ("sha256", "sha512"):
+            continue
+        hasher = hashlib.new(digest.algorithm)
+        try:
+            async for chunk in remote.read(digest):
+                await asyncio.to_thread(hasher.update, chunk)
+        except FileNotFoundError:
+            continue  # removed meanwhile (evicted)
+        if hasher.hexdigest() != digest.hex:
+            bad += 1
+            print(f"bad: {remote.key(digest)}: content hashes to {hasher.hexdigest()}; removed",
+                  flush=True)
+            await store.remove(digest)
+        elif await store.metadata.content(str(digest)) is None:
+            await store.metadata.add_content(str(digest), length, None, time.time())
+    print(f"verified {checked} objects ({human_bytes(size)}): {bad} bad")
     return 1 if bad else 0
 
 

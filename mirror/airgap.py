@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from mirror import exporter, imageref, importer, seed, services
+from mirror import exporter, imageref, importer, objectstore, seed, services
 from mirror import metadata as metadata_module
 from mirror.oci import Platform
 from mirror.progress import Progress
@@ -24,7 +24,7 @@ from mirror.store import Store
 
 T = TypeVar("T")
 COMMANDS = ("seed", "export", "import")
-SETTING_FLAGS = ("config", "cache_dir", "upstreams", "redis_url")
+SETTING_FLAGS = ("config", "cache_dir", "upstreams", "redis_url", "storage")
 
 
 def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -33,6 +33,8 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         parser.add_argument("--cache-dir", metavar="DIR", help="where the cache lives")
         parser.add_argument("--redis", dest="redis_url", metavar="URL",
                             help="metadata shared by several mirrors (as for serve)")
+        parser.add_argument("--storage", metavar="URL",
+                            help="where content lives: s3://BUCKET[/PREFIX] (as for serve)")
         parser.add_argument(
             "--upstream", dest="upstreams", action="append", metavar="[NAME=]URL",
             help="upstream registry (repeatable; the first is the default)" if upstreams else
@@ -129,7 +131,8 @@ async def with_store(settings: Settings,
     """Run `work` on the cache's store, opened and closed around it."""
     metadata = metadata_module.create(settings.cache_dir, settings.redis_url)
     await metadata.open()
-    store = Store(settings.cache_dir, metadata)
+    remote = objectstore.from_settings(settings.storage, settings.storage_options)
+    store = Store(settings.cache_dir, metadata, remote, keep_local=remote is None)
     try:
         return await work(store)
     finally:

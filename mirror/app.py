@@ -11,12 +11,14 @@ from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.routing import Route
 
-from mirror import errors, services
+from mirror import cluster, errors, services
 from mirror.evict import Evictor
 from mirror.metrics import Metrics
 from mirror.observe import AccessLog, Health, Observe
 from mirror.routes import Handlers
+from mirror.routes_internal import InternalHandlers
 from mirror.routes_push import PushHandlers
 from mirror.scrub import Scrubber
 from mirror.settings import RESOLVED_ENV, Settings
@@ -33,14 +35,23 @@ def create_app(settings: Settings) -> Starlette:
     if removed:
         log.info("removed %d partial downloads left by an earlier run", removed)
     handlers = Handlers(clients, parts.manifests, parts.blobs, parts.access, parts.identities,
-                        settings.public_url, metrics)
+                        settings.public_url, metrics, redirect=settings.redirect)
     uploads = Uploads(store.root / "uploads", store, settings.upload_timeout,
                       settings.max_layer_size, metrics, idle=settings.read_timeout)
     access_log = AccessLog()
     health = Health(metrics, store, next(iter(clients.values())), settings.offline)
     pushes = PushHandlers(handlers, uploads, parts.manifests, parts.access)
 
-    evictor = Evictor(store, settings.max_cache_size, metrics=metrics)
+    internal: list[Route] = []
+    if store.remote is not None:  # replicas share the object store: and their downloads
+        host, port = settings.host_port
+        address = cluster.advertised(host, port, settings.redis_url, bool(settings.tls_cert))
+        fills.cluster = cluster.Cluster(parts.metadata, address, settings.fill_lease,
+                                        parts.metadata.secret)
+        internal = InternalHandlers(fills, fills.cluster).routes()
+
+    evictor = Evictor(store, settings.max_cache_size, metrics=metrics,
+                      local_budget=settings.hot_cache_size if store.remote else None)
     store.on_commit = evictor.committed
     scrubber = Scrubber(store, settings.scrub_rate)
 
@@ -71,7 +82,7 @@ def create_app(settings: Settings) -> Starlette:
 
     app = Starlette(
         routes=health.routes(with_metrics=not settings.metrics_listen)
-        + pushes.routes() + handlers.routes(),
+        + internal + pushes.routes() + handlers.routes(),
         exception_handlers={
             errors.RegistryError: handlers.on_registry_error,
             HTTPException: handlers.on_http_error,

@@ -15,6 +15,8 @@ from mirror.store import Store
 from mirror.tokens import Credential
 from mirror.upstream import UpstreamClient, upstream_error
 
+PRESIGNED_LIFETIME = 60.0  # seconds a redirect's URL works: enough to start the download
+
 
 class BlobService:
     def __init__(self, store: Store, fills: Fills) -> None:
@@ -45,6 +47,15 @@ class BlobService:
         if not (length.isascii() and length.isdigit()):
             raise errors.UpstreamError(f"upstream {client.name} sent no length for {digest}")
         return int(length)
+
+    async def location(self, digest: Digest) -> str | None:
+        """A short-lived presigned URL of committed content in the object store, if it is
+        there (never for content still being fetched)."""
+        remote = self.store.remote
+        if remote is None or await self.store.committed_size(digest) is None:
+            return None
+        self.store.recency.touch(digest)
+        return await remote.presign(digest, PRESIGNED_LIFETIME)
 
     async def open(
         self, client: UpstreamClient, repo: str, digest: Digest,

@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="time a connection may take to send request headers (default 30)")
     serve.add_argument("--metrics-listen", metavar="HOST:PORT",
                        help="serve /metrics on this address instead of the main one")
+    serve.add_argument("--redirect", action="store_true", default=None,
+                       help="answer cached blob GETs with a 307 to the object store")
     serve.add_argument("--offline", action="store_true", default=None,
                        help="serve only from the cache; never contact an upstream")
     config = commands.add_parser(
@@ -80,6 +82,9 @@ def add_common(parser: argparse.ArgumentParser) -> None:
                         help="upstream registry (repeatable; the first is the default)")
     parser.add_argument("--redis", dest="redis_url", metavar="URL",
                         help="metadata shared by several mirrors (redis://HOST:PORT/DB)")
+    parser.add_argument("--storage", metavar="URL",
+                        help="where content lives: s3://BUCKET[/PREFIX] (default: the cache "
+                        "directory)")
 
 
 def flags_of(args: argparse.Namespace) -> dict[str, Any]:

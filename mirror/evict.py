@@ -72,6 +72,7 @@ async def evict_once(store: Store, budget: int, grace: float = GRACE,
     if not await metadata.acquire("evict", owner, LEASE):
         return None
     try:
+        await restore_pins(store)
         await store.recency.flush()  # this process's hits count in the order
         total, entries = await metadata.totals()
         if total <= budget:
@@ -95,12 +96,46 @@ async def evict_once(store: Store, budget: int, grace: float = GRACE,
         await metadata.release("evict", owner)
 
 
+async def restore_pins(store: Store) -> None:
+    """With an object store, pins live in the bucket too: after the metadata store lost
+    them (flushed, replaced), they come back before any eviction could take pinned content.
+    The `pins-restored` lock, taken for good, marks a metadata store that has them."""
+    if store.remote is None:
+        return
+    if not await store.metadata.acquire("pins-restored", "restored", 10 * 365 * 86400.0):
+        return
+    restored = 0
+    async for owner, digests in store.remote.iter_pins():
+        await store.metadata.pin(owner, digests)
+        restored += 1
+    if restored:
+        log.info("restored %d pins from the object store", restored)
+
+
+def trim_local(store: Store, budget: int) -> int:
+    """Keep the local copies of object-store content within `budget` bytes, least recently
+    used (by mtime, refreshed on use) first; returns the bytes removed. Blocking."""
+    entries = sorted((e for e in store.entries() if e.digest is not None),
+                     key=lambda e: e.mtime)
+    total = sum(e.size for e in entries)
+    freed = 0
+    for entry in entries:
+        if total - freed <= budget:
+            break
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(entry.path)
+            freed += entry.size
+    return freed
+
+
 class Evictor:
     """The background task that keeps one process's view of usage and runs passes."""
 
     def __init__(self, store: Store, budget: int | None, grace: float = GRACE,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, local_budget: int | None = None) -> None:
+        """`local_budget`: with an object store, the bytes of local copies to keep."""
         self.store = store
+        self.local_budget = local_budget
         self.metrics = metrics
         self.budget = budget  # None: computed (default_budget) by the first pass
         self.grace = grace
@@ -122,6 +157,10 @@ class Evictor:
             self._wake.set()
 
     async def _pass(self) -> Pass | None:
+        if self.local_budget is not None:
+            await asyncio.to_thread(trim_local, self.store, self.local_budget)
+        if self.budget is None and self.store.remote is not None:
+            return None  # a bucket has no free space to take a share of: no budget, no pass
         if self.budget is None:
             held, _ = await self.store.metadata.totals()
             self.budget = default_budget(self.store, held)

@@ -56,8 +56,10 @@ class Handlers:
         identities: Identities,
         public_url: str = "",
         metrics: Metrics | None = None,
+        redirect: bool = False,
     ) -> None:
         self.metrics = metrics
+        self.redirect = redirect  # cached blob GETs: a 307 to the object store
         self.clients = clients
         self.default = next(iter(clients.values()))
         self.manifests = manifests
@@ -251,6 +253,13 @@ class Handlers:
             size = await self.blobs.size(client, repo, digest, caller.credential,
                                          cached=decision.cached, known=decision.size)
             return Response(b"", headers={**headers, "Content-Length": str(size)})
+        if self.redirect and decision.cached and "range" not in request.headers:
+            # Authorized above: only now may the caller learn where the bytes are.
+            location = await self.blobs.location(digest)
+            if location is not None:
+                request.state.cache = "redirect"
+                return Response(status_code=307, headers={**API_VERSION, "Location": location,
+                                                          "Docker-Content-Digest": str(digest)})
         reader = await self.blobs.open(client, repo, digest, caller.credential,
                                        cached=decision.cached, expected=decision.size)
         request.state.cache = "hit" if reader.source == "cache" else "miss"

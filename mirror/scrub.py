@@ -16,7 +16,7 @@ import os
 import time
 
 from mirror.evict import lock_owner
-from mirror.reference import parse_digest
+from mirror.reference import Digest, parse_digest
 from mirror.store import CHUNK, Store
 
 log = logging.getLogger("mirror.scrub")
@@ -59,6 +59,8 @@ class Scrubber:
     async def scrub(self, text: str) -> bool:
         """Re-hash one entry at the bounded rate; evict it if it fails. True if it is good."""
         digest = parse_digest(text)
+        if self.store.remote is not None:
+            return await self._scrub_object(digest)
         opened = await self.store.open(digest)
         if opened is None:
             return False  # gone, or damaged (removed by `open`)
@@ -83,4 +85,30 @@ class Scrubber:
             return True
         self.bad += 1
         await self.store.damaged(digest, f"scrub: content hashes to {hasher.hexdigest()}")
+        return False
+
+    async def _scrub_object(self, digest: Digest) -> bool:
+        """The object store's copy (the source of truth), streamed at the bounded rate."""
+        remote = self.store.remote
+        assert remote is not None
+        record = await self.store.record(digest)
+        if record is None:
+            return False
+        hasher = hashlib.new(digest.algorithm)
+        size = 0
+        try:
+            async for chunk in remote.read(digest):
+                started = time.monotonic()
+                await asyncio.to_thread(hasher.update, chunk)
+                size += len(chunk)
+                await asyncio.sleep(max(len(chunk) / self.rate - (time.monotonic() - started),
+                                        0.0))
+        except FileNotFoundError:
+            await self.store.metadata.drop_content([str(digest)])
+            return False
+        self.checked += 1
+        if size == record.size and hasher.hexdigest() == digest.hex:
+            return True
+        self.bad += 1
+        await self.store.damaged(digest, f"scrub: object hashes to {hasher.hexdigest()}")
         return False

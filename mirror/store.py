@@ -125,6 +125,9 @@ class Store:
                 await self.metadata.drop_content([str(digest)])  # removed behind our back
             return None
         size = os.fstat(fd).st_size
+        if self.remote is not None:  # a local copy: its mtime orders the hot tier
+            with contextlib.suppress(OSError):
+                os.utime(fd)
         if size != record.size:
             os.close(fd)
             await self.damaged(digest, f"{size} bytes on disk, {record.size} verified",
