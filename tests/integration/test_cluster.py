@@ -15,6 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 from support.ceph import Ceph
+from support.containerd import Containerd, write_hosts_toml
+from support.daemons import DockerdFactory, require
 from support.fake_upstream import FakeUpstream
 from support.images import ImageInfo, skopeo
 from support.nginx import Nginx
@@ -223,3 +225,31 @@ def test_redirects_go_only_to_callers_with_access(
         for digest, _ in secret.blobs:
             refused = client.get(f"/v2/{secret.repo}/blobs/{digest}")
             assert refused.status_code == 401 and "location" not in refused.headers
+
+
+@pytest.mark.parametrize("redirect", [False, True], ids=["relayed", "redirected"])
+def test_dockerd_containerd_and_skopeo_pull_through_three_replicas(
+    upstream: Upstream, replicas: Replicas, dockerd_factory: DockerdFactory,
+    containerd: Containerd, tmp_path: Path, redirect: bool,
+) -> None:
+    require("dockerd", "docker", "containerd", "ctr")
+    procs = replicas(3, [("docker.io", upstream.url)],
+                     args=("--redirect",) if redirect else ())
+    with Nginx(tmp_path / "nginx", [p.host for p in procs]) as lb:
+        host = lb.url.removeprefix("http://")
+        small = upstream.images["library/small:latest"]
+        index = upstream.images["test/oci-index:1.0"]
+        for i, ref in enumerate(("library/small:latest", "test/oci-index:1.0")):
+            pull(lb.url, upstream.images[ref], tmp_path / f"warm-{i}")  # cached: redirects
+        daemon = dockerd_factory(lb.url, insecure_registries=[host])
+        result = daemon.pull("small")
+        assert result.returncode == 0, result.stderr + daemon.log()[-3000:]
+        assert daemon.image_digest("small") == small.digest
+        hosts = tmp_path / "certs.d"
+        write_hosts_toml(hosts, "docker.io", mirror_url=lb.url)
+        result = containerd.pull(f"docker.io/{index.ref}", hosts)
+        assert result.returncode == 0, result.stderr
+        assert containerd.image_digest(f"docker.io/{index.ref}") == index.digest
+        pull(lb.url, upstream.images["test/docker-v2s2:1.0"], tmp_path / "skopeo")
+    redirected = sum(p.log_text().count("cache=redirect") for p in procs)
+    assert (redirected > 0) == redirect, redirected
