@@ -3,6 +3,7 @@ download per blob for the whole cluster, and every client gets the right bytes."
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import subprocess
@@ -23,6 +24,8 @@ from support.nginx import Nginx
 from support.procs import REPO_ROOT, MirrorProc, clean_env
 from support.redisd import RedisServer
 from support.registry import Upstream
+
+from mirror.metadata.redis import RedisMetadata
 
 ACCEPT = ", ".join([
     "application/vnd.oci.image.index.v1+json", "application/vnd.oci.image.manifest.v1+json",
@@ -253,3 +256,73 @@ def test_dockerd_containerd_and_skopeo_pull_through_three_replicas(
         pull(lb.url, upstream.images["test/docker-v2s2:1.0"], tmp_path / "skopeo")
     redirected = sum(p.log_text().count("cache=redirect") for p in procs)
     assert (redirected > 0) == redirect, redirected
+
+
+def test_a_corrupt_download_leaves_nothing_in_the_bucket(
+    replicas: Replicas, ceph: Ceph, s3_bucket: str,
+) -> None:
+    with FakeUpstream() as fake:
+        data = os.urandom(40 * 1024 * 1024)  # several parts of a multipart upload
+        digest = fake.add_blob(data)
+        fake.corrupt.add(digest)
+        (proc,) = replicas(1, [("fake", fake.url)])
+        with pytest.raises(httpx.HTTPError):
+            response = httpx.get(f"{proc.url}/v2/owner/img/blobs/{digest}", timeout=60)
+            response.raise_for_status()
+            raise AssertionError("a corrupt blob was served whole")
+        time.sleep(0.5)
+        assert objects(ceph, s3_bucket) == {}
+        uploads = ceph.client().list_multipart_uploads(Bucket=s3_bucket).get("Uploads", [])
+        assert uploads == [], uploads  # aborted, not left pending
+
+
+async def pin(redis_url: str, digest: str) -> None:
+    metadata = RedisMetadata(redis_url)
+    await metadata.open()
+    try:
+        await metadata.pin("test", [digest])
+    finally:
+        await metadata.close()
+
+
+def test_the_budget_covers_the_bucket_and_pins_hold(
+    replicas: Replicas, ceph: Ceph, s3_bucket: str, redis_url: str, tmp_path: Path,
+) -> None:
+    with FakeUpstream() as fake:
+        blobs = [fake.add_blob(os.urandom(3 * 1024 * 1024)) for _ in range(8)]
+        procs = replicas(2, [("fake", fake.url)], args=("--max-cache-size", "10MiB"))
+        asyncio.run(pin(redis_url, blobs[0]))  # in the metadata store the replicas share
+        for i, digest in enumerate(blobs):
+            proc = procs[i % 2]  # alternate: the last use is cluster-wide
+            response = httpx.get(f"{proc.url}/v2/owner/img/blobs/{digest}", timeout=60)
+            assert response.status_code == 200
+            time.sleep(2.5)  # past the grace, so earlier blobs may go
+        deadline = time.monotonic() + 30
+        while sum(objects(ceph, s3_bucket).values()) > 10 * 1024 * 1024:
+            assert time.monotonic() < deadline, objects(ceph, s3_bucket)
+            time.sleep(0.5)
+        kept = objects(ceph, s3_bucket)
+        assert f"mirror/blobs/{blobs[0].replace(':', '/')}" in kept  # pinned
+        assert f"mirror/blobs/{blobs[-1].replace(':', '/')}" in kept  # most recent
+        assert f"mirror/blobs/{blobs[1].replace(':', '/')}" not in kept  # least recent
+
+
+def test_a_proof_on_one_replica_holds_on_every_replica(
+    upstream: Upstream, replicas: Replicas, tmp_path: Path,
+) -> None:
+    secret = upstream.images["private/secret:1.0"]
+    first, second = replicas(2, [("docker.io", upstream.url)])
+    skopeo("copy", "--all", "--src-tls-verify=false", "--src-creds", "alice:alicepw",
+           f"docker://{first.host}/{secret.repo}:{secret.tag}", f"dir:{tmp_path / 'a'}")
+    token = httpx.get(f"{second.url}/token", auth=("alice", "alicepw"),
+                      params={"service": "docker.io"}).json()["token"]
+    mark = upstream.registry.mark()
+    with httpx.Client(base_url=second.url, timeout=30,
+                      headers={"Authorization": f"Bearer {token}", "Accept": ACCEPT}) as client:
+        for digest, _ in secret.blobs:
+            assert client.get(f"/v2/{secret.repo}/blobs/{digest}").status_code == 200
+    assert upstream.registry.requests(since=mark) == []  # no new proof, no fetch
+    anonymous = httpx.get(f"{second.url}/v2/{secret.repo}/blobs/{secret.blobs[0][0]}")
+    assert anonymous.status_code == 401
+    ready = httpx.get(f"{second.url}/readyz").json()
+    assert ready["object_store"] is True and ready["metadata"] is True, ready
