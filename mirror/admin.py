@@ -30,11 +30,11 @@ import cachetools
 
 from mirror import imageref, objectstore
 from mirror import metadata as metadata_module
+from mirror.airgap.progress import human_bytes
 from mirror.errors import RegistryError
 from mirror.evict import default_budget
 from mirror.imageref import ImageRef, RefError
 from mirror.metadata import Metadata
-from mirror.progress import human_bytes
 from mirror.reference import Digest, parse_digest
 from mirror.settings import Settings, SettingsError, load, parse_upstream
 from mirror.store import STALE_TMP, FillLock, Store

@@ -9,7 +9,8 @@ import tempfile
 from collections.abc import Sequence
 from typing import Any
 
-from mirror import __version__, admin, airgap, clientconfig
+from mirror import __version__, admin, clientconfig
+from mirror.airgap import cli as airgap
 from mirror.metrics import prepare_multiprocess, serve_metrics
 from mirror.settings import (
     RESOLVED_ENV,

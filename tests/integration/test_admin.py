@@ -17,7 +17,7 @@ from support.fake_upstream import FakeUpstream
 from support.procs import REPO_ROOT, MirrorProc, clean_env
 from support.registry import Upstream
 
-from mirror.progress import human_bytes
+from mirror.airgap.progress import human_bytes
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"

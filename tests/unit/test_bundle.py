@@ -16,9 +16,10 @@ from typing import Any, TypeVar
 
 import pytest
 
-from mirror import exporter, importer, layout, oci
+from mirror import oci
+from mirror.airgap import exporter, importer, layout
+from mirror.airgap.progress import Progress, human_bytes, human_duration
 from mirror.metadata import RefRecord, SqliteMetadata, TagRecord, database_path
-from mirror.progress import Progress, human_bytes, human_duration
 from mirror.reference import parse_digest
 from mirror.settings import Upstream
 from mirror.store import Store

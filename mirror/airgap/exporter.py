@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from mirror import errors, imageref, layout, oci
+from mirror import errors, imageref, oci
+from mirror.airgap import layout
+from mirror.airgap.progress import Progress, human_bytes, human_duration
 from mirror.imageref import ImageRef
 from mirror.oci import Closure, Descriptor
-from mirror.progress import Progress, human_bytes, human_duration
 from mirror.reference import Digest, parse_digest
 from mirror.settings import Upstream
 from mirror.store import Store

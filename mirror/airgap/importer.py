@@ -23,12 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mirror import errors, exporter, imageref, layout, oci
+from mirror import errors, imageref, oci
+from mirror.airgap import exporter, layout
+from mirror.airgap.progress import Progress, Task, human_bytes, human_duration
 from mirror.identity import ANONYMOUS_IDENTITY
 from mirror.imageref import ImageRef
 from mirror.metadata import Grant, RefRecord, TagRecord
 from mirror.oci import Closure, Descriptor
-from mirror.progress import Progress, Task, human_bytes, human_duration
 from mirror.reference import parse_digest
 from mirror.settings import Upstream
 from mirror.store import CHUNK, Store
@@ -190,7 +191,7 @@ class Importer:
         return imageref.parse(name, self.upstreams, known_only=False)
 
     def _unwrap(self, desc: Descriptor) -> Descriptor:
-        """The image an export's compatibility index stands for (see `mirror.exporter`)."""
+        """The image an export's compatibility index stands for (see `mirror.airgap.exporter`)."""
         if desc.media_type != oci.OCI_INDEX:
             return desc
         data = self.read(desc.digest)

@@ -15,10 +15,11 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from mirror import exporter, imageref, importer, objectstore, seed, services
+from mirror import imageref, objectstore, services
 from mirror import metadata as metadata_module
+from mirror.airgap import exporter, importer, seed
+from mirror.airgap.progress import Progress
 from mirror.oci import Platform
-from mirror.progress import Progress
 from mirror.settings import Settings, SettingsError, load
 from mirror.store import Store
 

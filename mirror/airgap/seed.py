@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 
 from mirror import errors, oci
 from mirror.access import MANIFEST_ACCEPT
+from mirror.airgap.progress import Progress, Task, human_bytes, human_duration
 from mirror.identity import ANONYMOUS_CALLER
 from mirror.imageref import ImageRef
 from mirror.manifests import MANIFEST_TYPES, ManifestInfo, accept_key
 from mirror.metadata import RefRecord
 from mirror.oci import Descriptor, Platform
-from mirror.progress import Progress, Task, human_bytes, human_duration
 from mirror.reference import parse_digest
 from mirror.services import Services
 from mirror.upstream import UpstreamClient
