@@ -19,6 +19,7 @@ from mirror.metrics import Metrics
 from mirror.observe import AccessLog, Health, Observe
 from mirror.routes import Handlers
 from mirror.routes_internal import InternalHandlers
+from mirror.routes_listing import ListingHandlers
 from mirror.routes_push import PushHandlers
 from mirror.scrub import Scrubber
 from mirror.settings import RESOLVED_ENV, Settings
@@ -82,7 +83,7 @@ def create_app(settings: Settings) -> Starlette:
 
     app = Starlette(
         routes=health.routes(with_metrics=not settings.metrics_listen)
-        + internal + pushes.routes() + handlers.routes(),
+        + internal + ListingHandlers(handlers).routes() + pushes.routes() + handlers.routes(),
         exception_handlers={
             errors.RegistryError: handlers.on_registry_error,
             HTTPException: handlers.on_http_error,

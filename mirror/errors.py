@@ -1,27 +1,39 @@
 """The errors a client can see, one class per OCI distribution-spec error code.
 
 Every failure that reaches a client is a `RegistryError`; `routes` turns it into the spec's
-error body `{"errors": [{"code", "message", "detail"}]}` with the class's HTTP status.
+error body `{"errors": [{"code", "message", "detail"}]}` with the class's HTTP status. Every
+code is one of the spec's (`SPEC_CODES`); what a code cannot say goes in the message.
 
-    RegistryError
+    RegistryError                                          (UNSUPPORTED 500: a bug)
     ├── BlobUnknown, BlobUploadUnknown, ManifestUnknown, NameUnknown     404
-    ├── DigestInvalid, NameInvalid, TagInvalid, ManifestInvalid,
-    │   SizeInvalid, RangeInvalid                                        400/416
+    ├── NotFound (no such endpoint: UNSUPPORTED)                         404
+    ├── DigestInvalid, NameInvalid, TagInvalid (MANIFEST_INVALID),
+    │   ManifestInvalid, SizeInvalid, RangeInvalid (SIZE_INVALID, 416)  400/416
     ├── Unauthorized 401, Denied 403, Unsupported 405, TooManyRequests 429
-    └── UpstreamError                                                     502
-        └── UpstreamTimeout                                               504
+    ├── Unavailable                                                      503
+    └── UpstreamError                                                    502
+        └── UpstreamTimeout                                              504
+The last three say that content could not be had now; their code names what was asked
+for (a manifest, a blob, a repository), set where the request is answered (`for_kind`).
+An upstream's own 4xx answer is passed on with its status and code (`answered`).
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
+
+SPEC_CODES = frozenset((
+    "BLOB_UNKNOWN", "BLOB_UPLOAD_INVALID", "BLOB_UPLOAD_UNKNOWN", "DIGEST_INVALID",
+    "MANIFEST_BLOB_UNKNOWN", "MANIFEST_INVALID", "MANIFEST_UNKNOWN", "NAME_INVALID",
+    "NAME_UNKNOWN", "SIZE_INVALID", "UNAUTHORIZED", "DENIED", "UNSUPPORTED",
+    "TOOMANYREQUESTS"))
 
 
 class RegistryError(Exception):
     """An error answered to the client as an OCI error body."""
 
-    code: ClassVar[str] = "UNKNOWN"
-    status: ClassVar[int] = 500
+    code: str = "UNSUPPORTED"
+    status: int = 500
 
     def __init__(
         self,
@@ -33,6 +45,13 @@ class RegistryError(Exception):
         self.message = message
         self.detail = detail
         self.headers = headers or {}
+
+    def answered(self, status: int, code: str | None) -> RegistryError:
+        """This error as the upstream answered it: its status, and its code if a spec one."""
+        self.status = status
+        if code in SPEC_CODES:
+            self.code = code
+        return self
 
     def body(self) -> dict[str, Any]:
         error: dict[str, Any] = {"code": self.code, "message": self.message}
@@ -60,7 +79,7 @@ class NameUnknown(RegistryError):
 class NotFound(RegistryError):
     """A path that is no part of the API."""
 
-    code, status = "NOT_FOUND", 404
+    code, status = "UNSUPPORTED", 404
 
 
 class DigestInvalid(RegistryError):
@@ -72,7 +91,9 @@ class NameInvalid(RegistryError):
 
 
 class TagInvalid(RegistryError):
-    code, status = "TAG_INVALID", 400
+    """A reference that is no valid tag (the spec has no code of its own for it)."""
+
+    code, status = "MANIFEST_INVALID", 400
 
 
 class ManifestInvalid(RegistryError):
@@ -86,7 +107,7 @@ class SizeInvalid(RegistryError):
 class RangeInvalid(RegistryError):
     """An unsatisfiable Range header: 416 with `Content-Range: bytes */size`."""
 
-    code, status = "RANGE_INVALID", 416
+    code, status = "SIZE_INVALID", 416
 
 
 class Unauthorized(RegistryError):
@@ -105,20 +126,32 @@ class TooManyRequests(RegistryError):
     code, status = "TOOMANYREQUESTS", 429
 
 
-class UpstreamError(RegistryError):
+class Unobtainable(RegistryError):
+    """Content that cannot be had now; its code names what was asked for (`for_kind`)."""
+
+    code = "NAME_UNKNOWN"
+
+    def for_kind(self, kind: str) -> Unobtainable:
+        """`kind`: manifests, blobs or anything else (a repository)."""
+        self.code = {"manifests": "MANIFEST_UNKNOWN", "blobs": "BLOB_UNKNOWN"}.get(
+            kind, "NAME_UNKNOWN")
+        return self
+
+
+class UpstreamError(Unobtainable):
     """The upstream could not be reached or answered nonsense."""
 
-    code, status = "UPSTREAM_ERROR", 502
+    status = 502
 
 
 class UpstreamTimeout(UpstreamError):
-    code, status = "UPSTREAM_TIMEOUT", 504
+    status = 504
 
 
-class Unavailable(RegistryError):
-    """We cannot answer now (e.g. offline and not cached)."""
+class Unavailable(Unobtainable):
+    """We cannot answer now (e.g. offline and not cached, or the upstream answered 503)."""
 
-    code, status = "UNAVAILABLE", 503
+    status = 503
 
 
 # Codes an upstream may send that we pass on with their own class.
@@ -126,7 +159,7 @@ BY_CODE: dict[str, type[RegistryError]] = {
     cls.code: cls
     for cls in (
         BlobUnknown, BlobUploadUnknown, ManifestUnknown, NameUnknown, DigestInvalid,
-        NameInvalid, TagInvalid, ManifestInvalid, SizeInvalid, Unauthorized, Denied,
+        NameInvalid, ManifestInvalid, SizeInvalid, Unauthorized, Denied,
         Unsupported, TooManyRequests,
     )
 }

@@ -33,11 +33,13 @@ from mirror.metrics import Metrics
 from mirror.ranges import parse_range
 from mirror.reference import Digest, check_name, check_reference, parse_digest
 from mirror.settings import DOCKER_HUB
-from mirror.upstream import UpstreamClient, upstream_error
+from mirror.upstream import UpstreamClient
 
 log = logging.getLogger("mirror.routes")
 API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
 DOCKER_HUB_HOSTS = {"registry-1.docker.io", "index.docker.io", DOCKER_HUB}
+STALE_WARNING = ('299 - "served from the cache: the upstream could not be reached, so this '
+                 'tag may have moved since"')
 
 
 def error_response(exc: errors.RegistryError) -> Response:
@@ -76,8 +78,6 @@ class Handlers:
             Route("/token", self.token, methods=["GET", "POST"]),
             Route("/v2/{name:path}/manifests/{reference}", self.manifest, methods=read),
             Route("/v2/{name:path}/blobs/{digest}", self.blob, methods=read),
-            Route("/v2/{name:path}/tags/list", self.tags, methods=read),
-            Route("/v2/{name:path}/referrers/{digest}", self.referrers, methods=read),
         ]
 
     # -- which upstream, which repository, who asks ------------------------------------
@@ -85,7 +85,7 @@ class Handlers:
     def target(self, request: Request) -> tuple[UpstreamClient, str]:
         """Pick the upstream (by `?ns=`, by path prefix, else the default) and the repo."""
         name: str = request.path_params["name"]
-        client = self._client_for(request)
+        client = self.client_for(request)
         if request.query_params.get("ns") is None:
             first, sep, rest = name.partition("/")
             if sep and rest and first in self.clients:
@@ -96,7 +96,7 @@ class Handlers:
         request.state.target = (client, name)  # for the challenge of a 401
         return client, name
 
-    def _client_for(self, request: Request) -> UpstreamClient:
+    def client_for(self, request: Request) -> UpstreamClient:
         ns = request.query_params.get("ns")
         if ns is None:
             return self.default
@@ -123,6 +123,10 @@ class Handlers:
 
     async def on_registry_error(self, request: Request, exc: Exception) -> Response:
         assert isinstance(exc, errors.RegistryError)
+        if isinstance(exc, errors.Unobtainable):  # its code names what was asked for
+            path = request.url.path
+            exc.for_kind("manifests" if "/manifests/" in path else "blobs"
+                         if "/blobs/" in path and "/uploads/" not in path else "")
         if self.metrics is not None:
             self.metrics.errors.labels(exc.code).inc()
             if exc.status in (401, 403) and "name" in request.path_params:
@@ -159,7 +163,7 @@ class Handlers:
     # -- auth ----------------------------------------------------------------------------
 
     async def ping(self, request: Request) -> Response:
-        client = self._client_for(request)
+        client = self.client_for(request)
         request.state.target = (client, "")
         if request.headers.get("authorization"):
             await self.caller(request, client)  # a bad or foreign credential gets a challenge
@@ -291,48 +295,12 @@ class Handlers:
             counter.inc(len(chunk))
             yield chunk
 
-    async def tags(self, request: Request) -> Response:
-        client, repo = self.target(request)
-        credential = self.access.probe_credential(client, await self.caller(request, client))
-        params = {k: request.query_params[k] for k in ("n", "last") if k in request.query_params}
-        response = await client.send("GET", f"/v2/{repo}/tags/list", repo=repo, params=params,
-                                     credential=credential)
-        if response.status_code != 200:
-            raise upstream_error(
-                response, client.name, errors.NameUnknown, f"repository {repo}", response.content)
-        headers = dict(API_VERSION)
-        link = response.headers.get("link")
-        if link:
-            # Point the next page at our own path (the client may have used a prefix or `ns`).
-            query = link.partition("?")[2].partition(">")[0]
-            ns = request.query_params.get("ns")
-            extra = f"&ns={ns}" if ns and "ns=" not in query else ""
-            headers["Link"] = f'<{request.url.path}?{query}{extra}>; rel="next"'
-        return Response(response.content, media_type="application/json", headers=headers)
-
-    async def referrers(self, request: Request) -> Response:
-        client, repo = self.target(request)
-        credential = self.access.probe_credential(client, await self.caller(request, client))
-        digest = parse_digest(request.path_params["digest"])
-        params = {k: v for k, v in request.query_params.items() if k == "artifactType"}
-        response = await client.send(
-            "GET", f"/v2/{repo}/referrers/{digest}", repo=repo, params=params,
-            credential=credential)
-        if response.status_code != 200:
-            raise upstream_error(response, client.name, errors.ManifestUnknown,
-                                 f"referrers of {repo}@{digest}", response.content)
-        headers = dict(API_VERSION)
-        if "oci-filters-applied" in response.headers:
-            headers["OCI-Filters-Applied"] = response.headers["oci-filters-applied"]
-        return Response(response.content, headers=headers, media_type=response.headers.get(
-            "content-type", "application/vnd.oci.image.index.v1+json"))
-
-
 def manifest_response(info: ManifestInfo, data: bytes | None, stale: bool = False) -> Response:
     """The same headers for GET and HEAD; `data` None means HEAD (no body)."""
     headers = {**API_VERSION, "Docker-Content-Digest": str(info.digest),
                "Content-Type": info.media_type, "Content-Length": str(info.size),
                "ETag": f'"{info.digest}"'}
     if stale:
-        headers["Warning"] = '110 mirror "Response is Stale"'
+        # The spec's form (code 299, agent "-"), which clients show to the user.
+        headers["Warning"] = STALE_WARNING
     return Response(data or b"", headers=headers)

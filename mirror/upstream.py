@@ -286,14 +286,26 @@ def upstream_error(
                                    detail="insufficient_scope" if scope else None)
     if status == 403:
         return errors.Denied(f"upstream {upstream} denied access to {what}")
-    if 400 <= status < 500 and code in errors.BY_CODE:
-        return errors.BY_CODE[code](message or f"upstream {upstream} refused {what}")
+    if 400 <= status < 500:
+        # The upstream's own answer: passed on with its status, and its code when it is one
+        # of the spec's (else the closest the request's kind allows).
+        cls = errors.BY_CODE.get(code or "", _REFUSED.get(not_found, errors.Unsupported))
+        text = message or f"upstream {upstream} refused {what} ({status})"
+        return cls(text).answered(status, code)
     if status == 503:
         headers = {"Retry-After": response.headers["retry-after"]} \
             if "retry-after" in response.headers else {}
         return errors.Unavailable(f"upstream {upstream} is unavailable (503) for {what}",
                                   headers=headers)
     return errors.UpstreamError(f"upstream {upstream} answered {status} for {what}")
+
+
+# A 4xx without a code the spec knows: the closest code for what was asked.
+_REFUSED: dict[type[errors.RegistryError], type[errors.RegistryError]] = {
+    errors.ManifestUnknown: errors.ManifestInvalid,
+    errors.BlobUnknown: errors.BlobUnknown,
+    errors.NameUnknown: errors.NameInvalid,
+}
 
 
 def _error_code(body: bytes | None) -> tuple[str | None, str | None]:

@@ -32,6 +32,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support.registry import Upstream
 
+from mirror.errors import SPEC_CODES
+
 TIMEOUT = 20.0
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "1500"))  # more for a longer campaign
 HEX = "0123456789abcdef"
@@ -270,6 +272,7 @@ def test_hostile_requests_never_crash_the_server_nor_escape_the_cache(
             errors = json.loads(body)["errors"]
             assert errors and all(isinstance(e["code"], str) and isinstance(e["message"], str)
                                   for e in errors), body[:300]
+            assert all(e["code"] in SPEC_CODES for e in errors), body[:300]
 
     @settings(max_examples=EXAMPLES // 3, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))
@@ -307,4 +310,4 @@ def test_traversal_in_a_reference_is_refused_as_invalid(
             "Connection: close\r\n\r\n").encode())
         assert status in (400, 404), body
         assert json.loads(body)["errors"][0]["code"] in (
-            "TAG_INVALID", "DIGEST_INVALID", "NAME_INVALID", "NOT_FOUND")
+            "MANIFEST_INVALID", "DIGEST_INVALID", "NAME_INVALID", "UNSUPPORTED")

@@ -100,7 +100,7 @@ def test_connections_that_never_finish_their_headers_are_closed(
             closed_after.append(time.monotonic() - started)
             status, body = status_and_body(answer)
             assert status == 408, answer
-            assert body["errors"][0]["code"] == "UNKNOWN"  # type: ignore[index]
+            assert body["errors"][0]["code"] == "UNSUPPORTED"  # type: ignore[index]
     finally:
         for sock in sockets:
             sock.close()

@@ -140,7 +140,7 @@ def test_one_component_names_are_not_rewritten_off_docker_hub_and_errors_are_oci
             "/v2/test/oci-single/manifests/nope": (404, "MANIFEST_UNKNOWN"),
             "/v2/test/oci-single/blobs/sha256:" + "0" * 64: (404, "BLOB_UNKNOWN"),
             "/v2/Test/x/manifests/1": (400, "NAME_INVALID"),
-            "/v2/test/x/manifests/-bad": (400, "TAG_INVALID"),
+            "/v2/test/x/manifests/-bad": (400, "MANIFEST_INVALID"),
             "/v2/test/x/blobs/sha256:abc": (400, "DIGEST_INVALID"),
             "/v2/test/x/blobs/md5:" + "0" * 32: (400, "DIGEST_INVALID"),
             "/v2/test/x/manifests/1?ns=elsewhere.io": (404, "NAME_UNKNOWN"),

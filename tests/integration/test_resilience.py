@@ -27,12 +27,14 @@ from support.images import ImageInfo
 from support.procs import REPO_ROOT, clean_env
 from support.registry import Upstream
 
+from mirror.routes import STALE_WARNING
+
 ACCEPT = ", ".join([
     "application/vnd.oci.image.index.v1+json", "application/vnd.oci.image.manifest.v1+json",
     "application/vnd.docker.distribution.manifest.list.v2+json",
     "application/vnd.docker.distribution.manifest.v2+json"])
 MiB = 1 << 20
-STALE = '110 mirror "Response is Stale"'
+STALE = STALE_WARNING
 
 
 @pytest.fixture

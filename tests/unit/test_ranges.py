@@ -66,7 +66,7 @@ def test_unsatisfiable_ranges(header: str) -> None:
         parse_range(header, SIZE)
     error = info.value
     assert error.status == 416
-    assert error.code == "RANGE_INVALID"
+    assert error.code == "SIZE_INVALID"
     assert error.headers == {"Content-Range": f"bytes */{SIZE}"}
 
 

@@ -174,11 +174,11 @@ def test_check_reference_dispatches_on_colon() -> None:
     ("cls", "code", "status"),
     [
         (errors.NameInvalid, "NAME_INVALID", 400),
-        (errors.TagInvalid, "TAG_INVALID", 400),
+        (errors.TagInvalid, "MANIFEST_INVALID", 400),
         (errors.DigestInvalid, "DIGEST_INVALID", 400),
         (errors.ManifestInvalid, "MANIFEST_INVALID", 400),
         (errors.SizeInvalid, "SIZE_INVALID", 400),
-        (errors.RangeInvalid, "RANGE_INVALID", 416),
+        (errors.RangeInvalid, "SIZE_INVALID", 416),
         (errors.BlobUnknown, "BLOB_UNKNOWN", 404),
         (errors.BlobUploadUnknown, "BLOB_UPLOAD_UNKNOWN", 404),
         (errors.ManifestUnknown, "MANIFEST_UNKNOWN", 404),
@@ -187,9 +187,9 @@ def test_check_reference_dispatches_on_colon() -> None:
         (errors.Denied, "DENIED", 403),
         (errors.Unsupported, "UNSUPPORTED", 405),
         (errors.TooManyRequests, "TOOMANYREQUESTS", 429),
-        (errors.UpstreamError, "UPSTREAM_ERROR", 502),
-        (errors.UpstreamTimeout, "UPSTREAM_TIMEOUT", 504),
-        (errors.Unavailable, "UNAVAILABLE", 503),
+        (errors.UpstreamError, "NAME_UNKNOWN", 502),
+        (errors.UpstreamTimeout, "NAME_UNKNOWN", 504),
+        (errors.Unavailable, "NAME_UNKNOWN", 503),
     ],
 )
 def test_error_codes_and_statuses(
@@ -202,6 +202,20 @@ def test_error_codes_and_statuses(
     assert error.body() == {"errors": [{"code": code, "message": "something went wrong"}]}
     assert error.headers == {}
     assert str(error) == "something went wrong"
+
+
+def test_every_code_is_the_specs() -> None:
+    def subclasses(cls: type[errors.RegistryError]) -> list[type[errors.RegistryError]]:
+        return [cls, *(s for sub in cls.__subclasses__() for s in subclasses(sub))]
+
+    for cls in subclasses(errors.RegistryError):
+        assert cls.code in errors.SPEC_CODES, cls
+    for kind, code in (("manifests", "MANIFEST_UNKNOWN"), ("blobs", "BLOB_UNKNOWN"),
+                       ("tags", "NAME_UNKNOWN")):
+        assert errors.UpstreamError("x").for_kind(kind).code == code
+    passed = errors.ManifestInvalid("x").answered(400, "MANIFEST_INVALID")
+    assert (passed.status, passed.code) == (400, "MANIFEST_INVALID")
+    assert errors.Unsupported("x").answered(409, "NOT_A_SPEC_CODE").code == "UNSUPPORTED"
 
 
 def test_error_body_with_detail_and_headers() -> None:
