@@ -26,8 +26,7 @@ from mirror.metadata import AcceptKey, Metadata, TagRecord
 from mirror.metrics import Metrics
 from mirror.reference import Digest, parse_digest
 from mirror.store import Store
-from mirror.tokens import Credential
-from mirror.upstream import UpstreamClient, upstream_error
+from mirror.upstream import Credential, UpstreamClient, upstream_error
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"

@@ -25,9 +25,8 @@ from mirror.access import Access
 from mirror.manifests import ManifestService, media_type_of
 from mirror.reference import Digest, check_name, check_reference, parse_digest
 from mirror.routes import API_VERSION, Handlers
-from mirror.tokens import Credential
 from mirror.uploads import ClientGone, Forwarded, Uploads, disk_full, read_manifest
-from mirror.upstream import UpstreamClient, upstream_error
+from mirror.upstream import Credential, UpstreamClient, upstream_error
 
 log = logging.getLogger("mirror.routes_push")
 # RFC 6838 type/subtype, ASCII only: it goes into upstream request headers and our answers.

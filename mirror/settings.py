@@ -50,6 +50,11 @@ class Upstream:
     # for the default (first) upstream, so a user's password never reaches an upstream the
     # operator did not choose to trust with it.
     client_credentials: bool | None = None
+    # TLS towards this upstream: CAs to trust besides the system's (PEM), and a client
+    # certificate chain and key to present to it (mTLS).
+    ca_file: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
 
     @property
     def host(self) -> str:
@@ -196,7 +201,22 @@ def parse_upstream(spec: str | Mapping[str, Any]) -> Upstream:
     for key in ("tag_ttl", "connect_timeout", "read_timeout"):
         if data.get(key) is not None:
             data[key] = _positive(f"upstream.{key}", data[key])
+    for key in ("ca_file", "client_cert", "client_key"):
+        if data.get(key):
+            data[key] = _readable(f"upstream {data['name']}: {key}", data[key])
+    if data.get("client_key") and not data.get("client_cert"):
+        raise SettingsError(f"upstream {data['name']}: client_key needs client_cert")
     return Upstream(**data)
+
+
+def _readable(name: str, value: Any) -> str:
+    path = Path(str(value)).expanduser()
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise SettingsError(f"{name}: cannot read {path}: {exc.strerror}") from None
+    return str(path)
 
 
 def _positive(name: str, value: Any) -> float:

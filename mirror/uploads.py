@@ -34,8 +34,7 @@ from mirror import errors
 from mirror.metrics import Metrics
 from mirror.reference import Digest, parse_digest
 from mirror.store import DISK_FULL, Store
-from mirror.tokens import Credential
-from mirror.upstream import UpstreamClient, upstream_error
+from mirror.upstream import Credential, UpstreamClient, upstream_error
 from mirror.writethrough import Tee, WriteThrough
 
 log = logging.getLogger("mirror.uploads")
