@@ -25,7 +25,8 @@ from mirror.access import Access
 from mirror.manifests import ManifestService, media_type_of
 from mirror.reference import Digest, check_name, check_reference, parse_digest
 from mirror.routes import API_VERSION, Handlers
-from mirror.uploads import ClientGone, Forwarded, Uploads, disk_full, read_manifest
+from mirror.upload_bodies import ClientGone, read_manifest
+from mirror.uploads import Forwarded, Uploads, disk_full
 from mirror.upstream import Credential, UpstreamClient, upstream_error
 
 log = logging.getLogger("mirror.routes_push")

@@ -4,7 +4,7 @@ Each upload session the upstream opens gets an id of ours (random, unguessable);
 client only ever sees `/v2/<name>/blobs/uploads/<id>`, which maps to that one upstream
 session and nothing else, and only for the caller that opened it. Sessions live in a small
 diskcache so every worker knows them. Bodies stream through (never whole in memory),
-counted against the size limit and their declared length, and are teed into the cache
+checked as they go (`mirror.upload_bodies`), and are teed into the cache
 (`mirror.writethrough`), so the first pull after a push is a hit.
 """
 
@@ -28,17 +28,16 @@ from urllib.parse import urljoin, urlsplit
 
 import diskcache
 import httpx
-from starlette.requests import ClientDisconnect
 
 from mirror import errors
 from mirror.metrics import Metrics
 from mirror.reference import Digest, parse_digest
 from mirror.store import DISK_FULL, Store
+from mirror.upload_bodies import Outgoing, TooLarge, client_body
 from mirror.upstream import Credential, UpstreamClient, upstream_error
-from mirror.writethrough import Tee, WriteThrough
+from mirror.writethrough import WriteThrough
 
 log = logging.getLogger("mirror.uploads")
-MAX_MANIFEST = 4 * 1024 * 1024
 EXPIRED_KEPT = 3600.0  # how long past its time limit a session's id still explains itself
 # Open sessions one worker holds: per caller (a CI pushing many images at once stays far
 # below), and in all. Past either, a new upload is refused with 429 until some finish.
@@ -58,18 +57,6 @@ _SESSION_ID = re.compile(r"[0-9a-f]{32}")
 
 class UploadInvalid(errors.RegistryError):
     code, status = "BLOB_UPLOAD_INVALID", 400
-
-
-class TooLarge(errors.SizeInvalid):
-    status = 413
-
-
-class ManifestTooLarge(errors.ManifestInvalid):
-    status = 413
-
-
-class ClientGone(Exception):
-    """The client dropped its connection mid-body: there is no one left to answer."""
 
 
 @dataclass(frozen=True)
@@ -117,73 +104,6 @@ def disk_full(exc: BaseException) -> bool:
     if isinstance(exc, sqlite3.OperationalError):
         return "full" in str(exc)
     return isinstance(exc, OSError) and exc.errno in DISK_FULL
-
-
-async def client_body(
-    stream: AsyncIterator[bytes], declared: int | None, idle: float,
-    stalled: type[errors.RegistryError],
-) -> AsyncIterator[bytes]:
-    """A client's request body as it arrives, checked against its declared length.
-
-    A client silent for `idle` seconds mid-body gets `stalled` (400); a body longer or
-    shorter than its Content-Length, SIZE_INVALID; a client that hangs up, `ClientGone`.
-    """
-    received = 0
-    chunks = aiter(stream)
-    while True:
-        try:
-            async with asyncio.timeout(idle):
-                chunk = await anext(chunks)
-        except StopAsyncIteration:
-            break
-        except TimeoutError:
-            of = f" of {declared}" if declared is not None else ""
-            raise stalled(f"client sent nothing for {idle:g} s mid-body "
-                          f"(after {received}{of} bytes)") from None
-        except ClientDisconnect:
-            raise ClientGone() from None
-        received += len(chunk)
-        if declared is not None and received > declared:
-            raise errors.SizeInvalid(
-                f"body longer than its Content-Length of {declared} bytes")
-        if chunk:
-            yield chunk
-    if declared is not None and received < declared:
-        raise errors.SizeInvalid(
-            f"body of {received} bytes shorter than its Content-Length of {declared}")
-
-
-class Outgoing:
-    """A client's body on its way upstream: limited, teed, and why it stopped, if it did.
-
-    httpx may wrap what the body raised; `failure` and `gone` say what happened whatever
-    reaches the caller.
-    """
-
-    def __init__(self, chunks: AsyncIterator[bytes], offset: int, limit: int,
-                 tee: Tee | None) -> None:
-        self.chunks, self.offset, self.limit, self.tee = chunks, offset, limit, tee
-        self.sent = 0
-        self.failure: errors.RegistryError | None = None
-        self.gone = False
-
-    async def stream(self) -> AsyncIterator[bytes]:
-        try:
-            async for chunk in self.chunks:
-                if self.offset + self.sent + len(chunk) > self.limit:
-                    raise TooLarge(f"layer larger than the limit of {self.limit} bytes")
-                self.sent += len(chunk)
-                if self.tee is not None:
-                    await self.tee.write(chunk)
-                yield chunk
-            if self.tee is not None:
-                await self.tee.flush()
-        except ClientGone:
-            self.gone = True
-            raise
-        except errors.RegistryError as exc:
-            self.failure = exc
-            raise
 
 
 class Uploads:
@@ -616,16 +536,3 @@ def _digest_header(response: httpx.Response) -> str | None:
         return str(parse_digest(response.headers.get("docker-content-digest", "")))
     except errors.DigestInvalid:
         return None
-
-
-async def read_manifest(body: AsyncIterator[bytes], declared: int | None,
-                        idle: float) -> bytes:
-    """A pushed manifest, refused past 4 MiB without reading further."""
-    if declared is not None and declared > MAX_MANIFEST:
-        raise ManifestTooLarge("manifest larger than 4 MiB")
-    data = bytearray()
-    async for chunk in client_body(body, declared, idle, errors.ManifestInvalid):
-        data += chunk
-        if len(data) > MAX_MANIFEST:
-            raise ManifestTooLarge("manifest larger than 4 MiB")
-    return bytes(data)
