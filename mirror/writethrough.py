@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ from mirror.reference import Digest
 from mirror.store import CHUNK, DISK_FULL, Store
 
 log = logging.getLogger("mirror.writethrough")
+PREFIX, SUFFIX = "upload-", ".part"  # tmp/upload-<session id>.part
 
 
 class WriteThrough:
@@ -28,7 +31,12 @@ class WriteThrough:
         self._hashers: dict[str, tuple[int, Any]] = {}
 
     def partial(self, session_id: str) -> Path:
-        return self.store.tmp / f"upload-{session_id}.part"
+        return self.store.tmp / f"{PREFIX}{session_id}{SUFFIX}"
+
+    def partials(self, limit: int) -> Iterator[tuple[str, Path]]:
+        """(session id, file) of at most `limit` write-through files, for sweeps."""
+        for path in itertools.islice(self.store.tmp.glob(f"{PREFIX}*{SUFFIX}"), limit):
+            yield path.name.removeprefix(PREFIX).removesuffix(SUFFIX), path
 
     def tee(self, session_id: str, offset: int) -> Tee:
         path = self.partial(session_id)

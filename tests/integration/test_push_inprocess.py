@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -21,8 +22,9 @@ import pytest
 from support.fake_pushes import PushUpstream, sha256
 from support.smallfs import fill_up, small_tmpfs
 
-from mirror import uploads as uploads_module
+from mirror import upload_sessions
 from mirror.app import create_app
+from mirror.metadata.sqlite import database_path
 from mirror.routes_push import MEDIA_TYPE
 from mirror.settings import Settings, Upstream
 
@@ -425,13 +427,11 @@ def test_upload_files_and_sessions_left_by_a_dead_worker_are_swept(
 
 
 def expiry(cache: Path, session_id: str) -> float:
-    records = uploads_module.diskcache.Cache(str(cache / "uploads"))
-    try:
-        _, expires = records.get(session_id, expire_time=True)
-    finally:
-        records.close()
-    assert isinstance(expires, float)
-    return expires
+    """When the session's record expires, as the SQLite metadata store keeps it."""
+    with contextlib.closing(sqlite3.connect(database_path(cache))) as db:
+        row = db.execute("SELECT expires FROM uploads WHERE id = ?", (session_id,)).fetchone()
+    assert row is not None and isinstance(row[0], float)
+    return row[0]
 
 
 def test_a_session_record_expires_with_its_time_limit_not_later(
@@ -445,7 +445,7 @@ def test_a_session_record_expires_with_its_time_limit_not_later(
             location = await open_session(client)
             session_id = location.rsplit("/", 1)[1]
             first = expiry(cache, session_id)
-            assert started + 30.0 <= first <= time.time() + 30.0 + uploads_module.EXPIRED_KEPT
+            assert started + 30.0 <= first <= time.time() + 30.0 + upload_sessions.EXPIRED_KEPT
             for _ in range(3):  # saving a session again must not push its expiry back
                 location = (await client.patch(location, content=b"ab",
                                                headers=ALICE)).headers["location"]
@@ -555,7 +555,7 @@ def test_open_sessions_per_caller_are_bounded(fake: PushUpstream, tmp_path: Path
     async def scenario() -> None:
         async with mirror(fake, tmp_path / "cache") as client:
             locations = [await open_session(client)
-                         for _ in range(uploads_module.MAX_SESSIONS_PER_CALLER)]
+                         for _ in range(upload_sessions.MAX_SESSIONS_PER_CALLER)]
             refused = await client.post("/v2/team/app/blobs/uploads/", headers=ALICE)
             assert refused.status_code == 429, refused.text
             assert error_of(refused)["code"] == "TOOMANYREQUESTS"
