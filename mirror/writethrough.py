@@ -41,8 +41,8 @@ class WriteThrough:
     def tee(self, session_id: str, offset: int) -> Tee:
         path = self.partial(session_id)
         # Past the start, bytes before `offset` must already be there (not lost to a full
-        # disk, or swept): otherwise there is nothing worth adding to.
-        useless = offset > 0 and not path.exists()
+        # disk, swept, or sent through another replica): else there is nothing to add to.
+        useless = offset > 0 and _size(path) < offset
         return Tee(path, offset, self._hashers, session_id, enabled=not useless)
 
     def discard(self, session_id: str) -> None:
@@ -120,6 +120,13 @@ class Tee:
 
 def _why(exc: OSError) -> str:
     return "cache disk full" if exc.errno in DISK_FULL else f"cache write failed ({exc})"
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 def _write_at(path: Path, offset: int, data: bytes) -> None:
