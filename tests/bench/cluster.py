@@ -992,8 +992,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if missing:
         print(f"bench: missing {', '.join(missing)} (tests/run installs them)", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, _abort)
-    signal.signal(signal.SIGALRM, _abort)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM):  # SIGINT: even if ignored
+        signal.signal(signum, _abort)
     signal.alarm(cfg.hard_limit_s)
     work = Path(tempfile.mkdtemp(prefix="mirror-s3bench-"))
     bench = Bench(cfg, work, args.profile)
