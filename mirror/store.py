@@ -116,8 +116,10 @@ class Store:
         file without a record reads as a miss too (a fill then records it).
         """
         record = await self.record(digest)
-        if record is None:
-            return None
+        return None if record is None else await self._open_local(digest, record)
+
+    async def _open_local(self, digest: Digest, record: ContentRecord) -> tuple[int, int] | None:
+        """The local file of content whose record is `record`, checked against it."""
         try:
             fd = os.open(self.path(digest), os.O_RDONLY)
         except FileNotFoundError:
@@ -150,25 +152,24 @@ class Store:
         """A reader over committed content: the local copy, else the object store's."""
         from mirror.readers import CommittedReader, ObjectReader  # they read from a Store
 
-        opened = await self.open(digest)
+        record = await self.record(digest)  # read once: the local check and the object's size
+        if record is None:
+            return None
+        opened = await self._open_local(digest, record)
         if opened is not None:
             return CommittedReader(*opened)
-        if self.remote is not None:
-            record = await self.record(digest)
-            if record is not None:
-                return ObjectReader(self, digest, record.size)
-        return None
+        return ObjectReader(self, digest, record.size) if self.remote is not None else None
 
     async def committed_size(self, digest: Digest) -> int | None:
         """The size of committed content that checks out (see `open`), else None."""
-        opened = await self.open(digest)
+        record = await self.record(digest)
+        if record is None:
+            return None
+        opened = await self._open_local(digest, record)
         if opened is not None:
             os.close(opened[0])
             return opened[1]
-        if self.remote is not None:
-            record = await self.record(digest)
-            return None if record is None else record.size
-        return None
+        return record.size if self.remote is not None else None
 
     async def holds(self, upstream: str, digest: Digest) -> bool:
         """Whether `upstream` delivered the content (rule 1 of `mirror.access`)."""
