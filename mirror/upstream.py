@@ -16,7 +16,7 @@ from urllib.parse import urljoin, urlsplit
 
 import httpx
 
-from mirror import errors
+from mirror import errors, ratelimit
 from mirror.download import Body, Downloader
 from mirror.metrics import Metrics
 from mirror.settings import Settings, Upstream
@@ -71,6 +71,8 @@ class UpstreamClient:
                       if upstream.username else None)
         # Learnt from the first 401: lets later requests carry a token at once.
         self.challenge: Challenge | None = None
+        self.ratelimit = ratelimit.RateLimit.of(self.name, upstream.ratelimit_reserve,
+                                                settings.ratelimit_reserve, metrics)
 
     async def aclose(self) -> None:
         await self.http.aclose()
@@ -231,6 +233,7 @@ class UpstreamClient:
                     f"upstream {self.name} ({self.upstream.url}) unreachable: "
                     f"{type(exc).__name__}: {exc}") from exc
             self._observe(str(response.status_code), started)
+            self.ratelimit.observe(response.headers)
             location = response.headers.get("location")
             if response.status_code not in (301, 302, 303, 307, 308) or not location:
                 return response
