@@ -118,6 +118,16 @@ class Metrics:
         for reason in FILL_FAILURES:
             self.fill_failures.labels(reason)
 
+    def ratelimit_gauges(self, upstream: str) -> tuple[Gauge, Gauge]:
+        """The upstream's (limit, remaining) gauges, exported at once at 0. The 0 is stamped
+        older than any answer: in multiprocess mode the most recent value any worker saw
+        wins, so a worker started later (a restart) must not hide it."""
+        gauges = (self.ratelimit_limit.labels(upstream),
+                  self.ratelimit_remaining.labels(upstream))
+        for gauge in gauges:
+            gauge._value.set(0.0, timestamp=1.0)  # Gauge.set would stamp it "now"
+        return gauges
+
     def _summed(self) -> CollectorRegistry:
         """The registry to read: every worker's samples in multiprocess mode, else ours."""
         if os.environ.get(MULTIPROC_ENV):

@@ -83,10 +83,8 @@ class RateLimit:
         self.window = DEFAULT_WINDOW
         self.at = 0.0
         self._warned = False
-        self._limit_gauge = self._remaining_gauge = None
-        if metrics is not None:  # exported from the start (0 until an upstream reports)
-            self._limit_gauge = metrics.ratelimit_limit.labels(upstream)
-            self._remaining_gauge = metrics.ratelimit_remaining.labels(upstream)
+        # Exported from the start (0 until the upstream reports).
+        self._gauges = metrics.ratelimit_gauges(upstream) if metrics is not None else None
 
     @classmethod
     def of(cls, name: str, own: str | None, default: str,
@@ -103,9 +101,9 @@ class RateLimit:
         self.limit, self.remaining = limit[0], remaining[0]
         self.window = remaining[1] or limit[1] or DEFAULT_WINDOW
         self.at = self.clock()
-        if self._limit_gauge is not None and self._remaining_gauge is not None:
-            self._limit_gauge.set(self.limit)
-            self._remaining_gauge.set(self.remaining)
+        if self._gauges is not None:
+            self._gauges[0].set(self.limit)
+            self._gauges[1].set(self.remaining)
         low = self.low()
         if low and not self._warned:
             log.warning("upstream %s: rate limit nearly used up: %d of %d pulls left, below "
