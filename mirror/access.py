@@ -48,8 +48,7 @@ from mirror import errors
 from mirror.identity import Caller
 from mirror.metadata import Grant, Metadata
 from mirror.reference import Digest
-from mirror.tokens import ANONYMOUS, Credential
-from mirror.upstream import UpstreamClient, upstream_error
+from mirror.upstream import ANONYMOUS, Credential, UpstreamClient, upstream_error
 
 MANIFEST_ACCEPT = ", ".join((
     "application/vnd.oci.image.index.v1+json", "application/vnd.oci.image.manifest.v1+json",

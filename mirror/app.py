@@ -40,8 +40,8 @@ def create_app(settings: Settings) -> Starlette:
         log.info("removed %d partial downloads left by an earlier run", removed)
     handlers = Handlers(clients, parts.manifests, parts.blobs, parts.access, parts.identities,
                         settings.public_url, metrics, redirect=settings.redirect)
-    uploads = Uploads(store.root / "uploads", store, settings.upload_timeout,
-                      settings.max_layer_size, metrics, idle=settings.read_timeout)
+    uploads = Uploads(store, settings.upload_timeout, settings.max_layer_size, metrics,
+                      idle=settings.read_timeout)
     access_log = AccessLog()
     audit = AuditLog(settings.audit_log, metrics) if settings.audit_log else None
     health = Health(metrics, store, next(iter(clients.values())), settings.offline)

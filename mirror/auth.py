@@ -20,8 +20,7 @@ import httpx
 
 from mirror import errors
 from mirror.identity import ANONYMOUS_TOKEN, Identities, auth_user, basic_auth
-from mirror.tokens import Challenge
-from mirror.upstream import UpstreamClient
+from mirror.upstream import Challenge, UpstreamClient
 
 ANONYMOUS_LIFETIME = 3600
 OFFLINE_LIFETIME = 3600  # a token minted offline: no upstream said how long

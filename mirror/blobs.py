@@ -7,13 +7,11 @@ carries it out (`cached`: the bytes may come from the cache).
 from __future__ import annotations
 
 from mirror import errors
-from mirror.download import Body
 from mirror.fills import Fills
 from mirror.readers import Reader
 from mirror.reference import Digest
 from mirror.store import Store
-from mirror.tokens import Credential
-from mirror.upstream import UpstreamClient, upstream_error
+from mirror.upstream import Body, Credential, UpstreamClient, upstream_error
 
 PRESIGNED_LIFETIME = 60.0  # seconds a redirect's URL works: enough to start the download
 

@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING
 
 import httpx
 
-from mirror.download import BodyBroken, Streamed
 from mirror.errors import RegistryError, UpstreamError, UpstreamTimeout
 from mirror.metrics import Metrics
 from mirror.objectstore import Writer
+from mirror.upstream import BodyBroken, Streamed
 
 if TYPE_CHECKING:
     from mirror.cluster import Cluster

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import httpx
 
 from mirror import errors
-from mirror.tokens import Credential
+from mirror.upstream import Credential
 
 ANONYMOUS_TOKEN = "anonymous"  # what our token endpoint hands to callers without credentials
 ANONYMOUS_IDENTITY = "anonymous"

@@ -19,8 +19,7 @@ from mirror.metadata import Metadata, TagRecord
 from mirror.metrics import Metrics
 from mirror.reference import Digest, parse_digest
 from mirror.store import Store
-from mirror.tokens import Credential
-from mirror.upstream import UpstreamClient, upstream_error
+from mirror.upstream import Credential, UpstreamClient, upstream_error
 
 HOT_BYTES = 64 * 1024 * 1024
 

@@ -40,8 +40,7 @@ from mirror.metadata import AcceptKey, Metadata, TagRecord
 from mirror.metrics import Metrics
 from mirror.reference import Digest, parse_digest
 from mirror.store import Store
-from mirror.tokens import Credential
-from mirror.upstream import UpstreamClient, upstream_error
+from mirror.upstream import Credential, UpstreamClient, upstream_error
 
 __all__ = ["ACCEPT_ALL", "ACCEPT_KEPT", "DOCKER_LIST", "DOCKER_MANIFEST", "MANIFEST_TYPES",
            "MAX_MANIFEST", "OCI_INDEX", "OCI_MANIFEST", "SCHEMA1", "SCHEMA1_SIGNED", "Manifest",

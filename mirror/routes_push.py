@@ -25,9 +25,10 @@ from mirror.access import Access
 from mirror.manifests import ManifestService, media_type_of
 from mirror.reference import Digest, check_name, check_reference, parse_digest
 from mirror.routes import API_VERSION, Handlers
-from mirror.tokens import Credential
-from mirror.uploads import ClientGone, Forwarded, Uploads, disk_full, read_manifest
-from mirror.upstream import UpstreamClient, upstream_error
+from mirror.store import DISK_FULL
+from mirror.upload_bodies import ClientGone, read_manifest
+from mirror.uploads import Forwarded, Uploads
+from mirror.upstream import Credential, UpstreamClient, upstream_error
 
 log = logging.getLogger("mirror.routes_push")
 # RFC 6838 type/subtype, ASCII only: it goes into upstream request headers and our answers.
@@ -159,6 +160,13 @@ def best_effort(what: str) -> Iterator[None]:
         if not disk_full(exc):
             raise
         log.warning("cache disk full: %s not recorded", what)
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether a write failed for want of room (a file's ENOSPC, or SQLite's own word)."""
+    if isinstance(exc, sqlite3.OperationalError):
+        return "full" in str(exc)
+    return isinstance(exc, OSError) and exc.errno in DISK_FULL
 
 
 def pushed_media_type(data: bytes, content_type: str | None) -> str:

@@ -64,6 +64,11 @@ class Upstream:
     # for the default (first) upstream, so a user's password never reaches an upstream the
     # operator did not choose to trust with it.
     client_credentials: bool | None = None
+    # TLS towards this upstream: CAs to trust besides the system's (PEM), and a client
+    # certificate chain and key to present to it (mTLS).
+    ca_file: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
     # Repository policy (`mirror.policy`): patterns served (None: all) and refused.
     allow: tuple[str, ...] | None = None
     deny: tuple[str, ...] = ()
@@ -209,6 +214,11 @@ def parse_upstream(spec: str | Mapping[str, Any]) -> Upstream:
         if data.get(key) is not None:
             data[key] = positive(f"upstream.{key}", data[key])
     where = f"upstream {data['name']}"
+    for key in ("ca_file", "client_cert", "client_key"):
+        if data.get(key):
+            data[key] = _readable(f"{where}: {key}", data[key])
+    if data.get("client_key") and not data.get("client_cert"):
+        raise SettingsError(f"{where}: client_key needs client_cert")
     for key in ("allow", "deny"):
         if data.get(key) is not None:
             try:
@@ -221,6 +231,16 @@ def parse_upstream(spec: str | Mapping[str, Any]) -> Upstream:
         data["ratelimit_reserve"] = _reserve(f"{where}: ratelimit_reserve",
                                              data["ratelimit_reserve"])
     return Upstream(**data)
+
+
+def _readable(name: str, value: Any) -> str:
+    path = Path(str(value)).expanduser()
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise SettingsError(f"{name}: cannot read {path}: {exc.strerror}") from None
+    return str(path)
 
 
 def _reserve(name: str, value: Any) -> str:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ from mirror.reference import Digest
 from mirror.store import CHUNK, DISK_FULL, Store
 
 log = logging.getLogger("mirror.writethrough")
+PREFIX, SUFFIX = "upload-", ".part"  # tmp/upload-<session id>.part
 
 
 class WriteThrough:
@@ -28,13 +31,18 @@ class WriteThrough:
         self._hashers: dict[str, tuple[int, Any]] = {}
 
     def partial(self, session_id: str) -> Path:
-        return self.store.tmp / f"upload-{session_id}.part"
+        return self.store.tmp / f"{PREFIX}{session_id}{SUFFIX}"
+
+    def partials(self, limit: int) -> Iterator[tuple[str, Path]]:
+        """(session id, file) of at most `limit` write-through files, for sweeps."""
+        for path in itertools.islice(self.store.tmp.glob(f"{PREFIX}*{SUFFIX}"), limit):
+            yield path.name.removeprefix(PREFIX).removesuffix(SUFFIX), path
 
     def tee(self, session_id: str, offset: int) -> Tee:
         path = self.partial(session_id)
         # Past the start, bytes before `offset` must already be there (not lost to a full
-        # disk, or swept): otherwise there is nothing worth adding to.
-        useless = offset > 0 and not path.exists()
+        # disk, swept, or sent through another replica): else there is nothing to add to.
+        useless = offset > 0 and _size(path) < offset
         return Tee(path, offset, self._hashers, session_id, enabled=not useless)
 
     def discard(self, session_id: str) -> None:
@@ -112,6 +120,13 @@ class Tee:
 
 def _why(exc: OSError) -> str:
     return "cache disk full" if exc.errno in DISK_FULL else f"cache write failed ({exc})"
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 def _write_at(path: Path, offset: int, data: bytes) -> None:

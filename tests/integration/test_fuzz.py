@@ -44,8 +44,8 @@ LAYOUT = [re.compile(p) for p in (
     r"tmp(/(sha256|sha512)-[0-9a-f]+\.(part|size|size\.\d+|\d+\.small))?",
     r"tmp/upload-[A-Za-z0-9_-]+\.part",
     r"locks(/((sha256|sha512)-[0-9a-f]+|tag-[0-9a-f]{64}|evict|[a-z]+-[0-9a-f]{64})\.lock)?",
-    r"(index|uploads)(/[0-9a-f]{2}(/[0-9a-f]{2}(/[0-9a-f]+\.val)?)?)?",
-    r"(index|uploads)/cache\.db(-wal|-shm|-journal)?",
+    r"index(/[0-9a-f]{2}(/[0-9a-f]{2}(/[0-9a-f]+\.val)?)?)?",
+    r"index/cache\.db(-wal|-shm|-journal)?",
     r"metadata\.db(-wal|-shm|-journal)?",
     r"tmp/(sha256|sha512)-[0-9a-f]+\.\d+-[0-9a-f]+\.own",
 )]

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -21,8 +22,9 @@ import pytest
 from support.fake_pushes import PushUpstream, sha256
 from support.smallfs import fill_up, small_tmpfs
 
-from mirror import uploads as uploads_module
+from mirror import upload_sessions
 from mirror.app import create_app
+from mirror.metadata.sqlite import database_path
 from mirror.routes_push import MEDIA_TYPE
 from mirror.settings import Settings, Upstream
 
@@ -397,7 +399,48 @@ def test_a_users_manifest_delete_leaves_content_others_share(fake: PushUpstream,
     run(scenario())
 
 
-# -- 3. orphans ---------------------------------------------------------------------------------
+# -- 3. sessions are shared by the processes sharing the metadata -----------------------------
+
+
+def test_a_session_opened_through_one_process_is_continued_through_another(
+    fake: PushUpstream, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"  # one SQLite metadata store, and one tmp/ for write-through
+    data = os.urandom(3 * MiB + 5)
+    digest = sha256(data)
+
+    async def scenario() -> None:
+        async with mirror(fake, cache) as one, mirror(fake, cache) as two:
+            location = await open_session(one)
+            offset = 0
+            for client in (two, one, two, one):
+                part = data[offset:offset + MiB]
+                patched = await client.patch(location, content=part, headers={
+                    **ALICE, "Content-Range": f"{offset}-{offset + len(part) - 1}"})
+                assert patched.status_code == 202, patched.text
+                assert patched.headers["range"] == f"0-{offset + len(part) - 1}"
+                location = patched.headers["location"]
+                offset += len(part)
+            for client in (one, two):  # still its caller's only, wherever it is asked for
+                stolen = await client.get(location, headers=BOB)
+                assert stolen.status_code == 404, stolen.text
+                status = await client.get(location, headers=ALICE)
+                assert status.status_code == 204, status.text
+                assert status.headers["range"] == f"0-{len(data) - 1}"
+            done = await two.put(location, headers=ALICE, params={"digest": digest})
+            assert done.status_code == 201, done.text
+            assert fake.blobs[digest] == data
+            for client in (one, two):
+                assert (await client.get(location, headers=ALICE)).status_code == 404
+            # Both wrote their chunks through into the one cache: the blob is cached.
+            hex_ = digest.removeprefix("sha256:")
+            assert (cache / "blobs" / "sha256" / hex_[:2] / hex_).read_bytes() == data
+            assert uploads_dir(cache) == []
+
+    run(scenario())
+
+
+# -- 4. orphans ---------------------------------------------------------------------------------
 
 
 def test_upload_files_and_sessions_left_by_a_dead_worker_are_swept(
@@ -425,13 +468,11 @@ def test_upload_files_and_sessions_left_by_a_dead_worker_are_swept(
 
 
 def expiry(cache: Path, session_id: str) -> float:
-    records = uploads_module.diskcache.Cache(str(cache / "uploads"))
-    try:
-        _, expires = records.get(session_id, expire_time=True)
-    finally:
-        records.close()
-    assert isinstance(expires, float)
-    return expires
+    """When the session's record expires, as the SQLite metadata store keeps it."""
+    with contextlib.closing(sqlite3.connect(database_path(cache))) as db:
+        row = db.execute("SELECT expires FROM uploads WHERE id = ?", (session_id,)).fetchone()
+    assert row is not None and isinstance(row[0], float)
+    return row[0]
 
 
 def test_a_session_record_expires_with_its_time_limit_not_later(
@@ -445,7 +486,7 @@ def test_a_session_record_expires_with_its_time_limit_not_later(
             location = await open_session(client)
             session_id = location.rsplit("/", 1)[1]
             first = expiry(cache, session_id)
-            assert started + 30.0 <= first <= time.time() + 30.0 + uploads_module.EXPIRED_KEPT
+            assert started + 30.0 <= first <= time.time() + 30.0 + upload_sessions.EXPIRED_KEPT
             for _ in range(3):  # saving a session again must not push its expiry back
                 location = (await client.patch(location, content=b"ab",
                                                headers=ALICE)).headers["location"]
@@ -455,7 +496,7 @@ def test_a_session_record_expires_with_its_time_limit_not_later(
     run(scenario())
 
 
-# -- 4. bodies: counted while they stream, and their declared length checked -----------------
+# -- 5. bodies: counted while they stream, and their declared length checked -----------------
 
 
 def test_a_body_longer_or_shorter_than_its_content_length_is_size_invalid(
@@ -529,7 +570,7 @@ def test_chunked_bodies_are_forwarded_and_counted(fake: PushUpstream, tmp_path: 
     run(scenario())
 
 
-# -- 5. sessions belong to their caller; the upstream's Location stays on its origin ----------
+# -- 6. sessions belong to their caller; the upstream's Location stays on its origin ----------
 
 
 def test_an_upload_session_is_usable_only_by_the_caller_that_opened_it(
@@ -555,7 +596,7 @@ def test_open_sessions_per_caller_are_bounded(fake: PushUpstream, tmp_path: Path
     async def scenario() -> None:
         async with mirror(fake, tmp_path / "cache") as client:
             locations = [await open_session(client)
-                         for _ in range(uploads_module.MAX_SESSIONS_PER_CALLER)]
+                         for _ in range(upload_sessions.MAX_SESSIONS_PER_CALLER)]
             refused = await client.post("/v2/team/app/blobs/uploads/", headers=ALICE)
             assert refused.status_code == 429, refused.text
             assert error_of(refused)["code"] == "TOOMANYREQUESTS"

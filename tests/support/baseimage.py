@@ -92,7 +92,10 @@ def wheelhouse(repo: Path, dest: Path, timeout: float = 600) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     done = subprocess.run(
         ["python3", "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(dest), str(repo),
-         "setuptools>=68", "wheel"],
+         "setuptools>=68", "wheel",
+         # Needed by redis-py on the image's Python (Debian's 3.11.2) but not on the host's
+         # newer one, whose resolution made the rest of this list.
+         "async-timeout>=4.0.3"],
         capture_output=True, text=True, timeout=timeout, env=clean_env(), check=False)
     if done.returncode != 0:
         raise RuntimeError(f"pip wheel failed:\n{(done.stdout + done.stderr)[-4000:]}")

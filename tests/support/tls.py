@@ -76,3 +76,46 @@ def make_server_cert(directory: Path, names: tuple[str, ...] = ("localhost", "mi
 
 def fingerprint(pem: bytes) -> bytes:
     return x509.load_pem_x509_certificate(pem).fingerprint(hashes.SHA256())
+
+
+@dataclass(frozen=True)
+class ClientCert:
+    ca: Path  # the CA a server checks client certificates with (PEM)
+    cert: Path  # the client's certificate (PEM)
+    key: Path  # its private key (PEM)
+
+
+def make_client_cert(directory: Path, name: str = "mirror", label: str = "client"
+                     ) -> ClientCert:
+    """A fresh CA and a client certificate (clientAuth) it signs, written to `directory`
+    as client-ca.crt, client.crt and client.key."""
+    directory.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(f"mirror {label} CA")).issuer_name(_name(f"mirror {label} CA"))
+        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(name)).issuer_name(ca_cert.subject)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    paths = ClientCert(directory / "client-ca.crt", directory / "client.crt",
+                       directory / "client.key")
+    paths.ca.write_bytes(ca_cert.public_bytes(pem))
+    paths.cert.write_bytes(cert.public_bytes(pem))
+    paths.key.write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                            serialization.NoEncryption()))
+    paths.key.chmod(0o600)
+    return paths

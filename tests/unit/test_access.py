@@ -275,3 +275,76 @@ def test_credentials_and_tokens_are_bound_to_one_upstream(
                 assert not [s for s in other.seen if s.authorization.startswith("Basic")]
 
         asyncio.run(scenario())
+
+
+# -- the rules, one by one -------------------------------------------------------------------
+
+
+def test_only_descriptors_registries_validate_are_linked() -> None:
+    """Rule 2: config and layers of an image manifest, manifests of an index; not foreign
+    layers, unknown fields, `subject`, artifact `blobs`, nor a document that contradicts its
+    own media type."""
+    from mirror.access import linked_descriptors
+
+    image = json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"digest": "sha256:" + "c" * 64},
+        "layers": [{"digest": "sha256:" + "1" * 64},
+                   {"digest": "sha256:" + "2" * 64, "urls": ["https://cdn.example/x"]},
+                   {"digest": "sha256:" + "3" * 64, "mediaType":
+                    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"}],
+        "blobs": [{"digest": "sha256:" + "4" * 64}],
+        "subject": {"digest": "sha256:" + "5" * 64}}).encode()
+    assert linked_descriptors(image, "application/vnd.oci.image.manifest.v1+json") == [
+        "sha256:" + "c" * 64, "sha256:" + "1" * 64]
+    index = json.dumps({"mediaType": "application/vnd.oci.image.index.v1+json",
+                        "manifests": [{"digest": "sha256:" + "6" * 64}],
+                        "layers": [{"digest": "sha256:" + "7" * 64}]}).encode()
+    assert linked_descriptors(index, "application/vnd.oci.image.index.v1+json") == [
+        "sha256:" + "6" * 64]
+    # Served as an index but saying it is an image manifest: nothing.
+    assert linked_descriptors(image, "application/vnd.oci.image.index.v1+json") == []
+    artifact = json.dumps({"blobs": [{"digest": "sha256:" + "8" * 64}]}).encode()
+    assert linked_descriptors(artifact, "application/vnd.oci.artifact.manifest.v1+json") == []
+    assert linked_descriptors(b"not json", "application/vnd.oci.image.manifest.v1+json") == []
+
+
+def test_a_token_minted_offline_is_refused_online(fake: AuthUpstream, tmp_path: Path) -> None:
+    """Rule 6: a token minted offline names an identity, not an upstream token: online it
+    proves nothing, and the caller must log in again."""
+    fake.add_image("public/app", "1", [b"layer " * 100])
+    upstream = Upstream("fake", fake.url)
+
+    async def scenario() -> None:
+        async with running(settings(tmp_path, upstream, offline=True)) as mirror:
+            token = await mirror.caller("alice").login()
+        async with running(settings(tmp_path, upstream)) as mirror:
+            response = await mirror.http.get("/v2/public/app/manifests/1",
+                                             headers={"Authorization": f"Bearer {token}"})
+            assert response.status_code == 401
+            assert "log in again" in response.json()["errors"][0]["message"]
+
+    asyncio.run(scenario())
+
+
+def test_a_minted_token_cannot_be_altered(fake: AuthUpstream, tmp_path: Path) -> None:
+    """Rule 6: the identity and the upstream a token names are under a MAC."""
+    import base64 as b64
+
+    fake.add_image("public/app", "1", [b"layer " * 100])
+
+    async def scenario() -> None:
+        async with running(settings(tmp_path, Upstream("fake", fake.url))) as mirror:
+            token = await mirror.caller("alice").login()
+            assert token is not None
+            prefix, payload, mac = token.split(".")[0], token.split(".")[1], \
+                token.split(".")[-1]
+            doc = json.loads(b64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+            doc["i"] = "b:" + "0" * 40  # someone else's identity
+            forged = b64.urlsafe_b64encode(json.dumps(doc).encode()).decode().rstrip("=")
+            response = await mirror.http.get(
+                "/v2/public/app/manifests/1",
+                headers={"Authorization": f"Bearer {prefix}.{forged}.{mac}"})
+            assert response.status_code == 401
+
+    asyncio.run(scenario())

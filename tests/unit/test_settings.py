@@ -413,7 +413,7 @@ def test_an_upstream_can_have_its_own_timeouts(tmp_path: Path) -> None:
     settings = load({"config": str(config)}, env={})
     slow, other = (UpstreamClient(u, settings) for u in settings.upstreams)
     assert (slow.http.timeout.connect, slow.http.timeout.read) == (2.0, 3.5)
-    assert slow.downloads.timeout.sock_read == 3.5
+    assert (slow.transport.connect, slow.transport.read) == (2.0, 3.5)  # aiohttp too
     assert (other.http.timeout.connect, other.http.timeout.read) == (
         settings.connect_timeout, settings.read_timeout)
     bad = tmp_path / "bad.toml"

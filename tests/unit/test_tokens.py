@@ -10,9 +10,8 @@ from collections.abc import Callable, Coroutine
 import httpx
 import pytest
 
-from mirror import tokens
 from mirror.errors import Unauthorized, UpstreamError, UpstreamTimeout
-from mirror.tokens import Challenge, TokenCache, parse_challenge, repository_scope
+from mirror.upstream import Challenge, TokenCache, parse_challenge, repository_scope, tokens
 
 REALM = "https://auth.example/token"
 CHALLENGE = Challenge("Bearer", REALM, "registry.example")
@@ -107,7 +106,7 @@ class Clock:
 
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    """Fake time for `mirror.tokens` only (the event loop keeps its real clock)."""
+    """Fake time for `mirror.upstream.tokens` only (the event loop keeps its real clock)."""
     fake = Clock()
     monkeypatch.setattr(tokens, "time", types.SimpleNamespace(monotonic=fake.monotonic))
     return fake

@@ -12,7 +12,8 @@ from starlette.requests import ClientDisconnect
 
 from mirror import errors
 from mirror.settings import Settings, Upstream
-from mirror.uploads import ClientGone, client_body, parse_content_range
+from mirror.upload_bodies import ClientGone, client_body
+from mirror.uploads import parse_content_range
 from mirror.upstream import UpstreamClient
 
 

@@ -1,34 +1,33 @@
-"""The client side: talking to one upstream registry over HTTP.
+"""One upstream registry over HTTP.
 
-Adds anonymous (or configured) bearer tokens on the upstream's challenge, follows redirects
-(a CDN never gets our Authorization header), and turns transport failures and upstream
-error answers into `RegistryError`s that name the upstream.
+Adds anonymous (or configured) bearer tokens on the upstream's challenge, which it learns
+only from the upstream's own origin; follows redirects (`mirror.upstream.redirects`: a CDN
+never gets our Authorization header); and turns transport failures into `RegistryError`s
+that name the upstream. Connections are made as `mirror.upstream.transport` says.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Protocol, TypeVar
-from urllib.parse import urljoin, urlsplit
 
 import httpx
 
 from mirror import errors, ratelimit
-from mirror.download import Body, Downloader
 from mirror.metrics import Metrics
 from mirror.settings import Settings, Upstream
-from mirror.tokens import (
+from mirror.upstream.download import Body, Downloader
+from mirror.upstream.redirects import MAX_REDIRECTS, REDIRECTS, follow, origin
+from mirror.upstream.tokens import (
     Challenge,
     Credential,
     TokenCache,
     parse_challenge,
     repository_scope,
 )
-
-MAX_REDIRECTS = 5
+from mirror.upstream.transport import Transport
 
 
 class _Answer(Protocol):
@@ -51,21 +50,20 @@ class UpstreamClient:
         self.upstream = upstream
         self.metrics = metrics
         self.name = upstream.name
-        self.origin = _origin(upstream.url)
+        self.origin = origin(upstream.url)
         # Clients' own credentials go to the default upstream unless an upstream says.
         self.client_credentials = (upstream.client_credentials
                                    if upstream.client_credentials is not None
                                    else upstream == settings.default_upstream)
         self.offline = settings.offline
-        connect = upstream.connect_timeout or settings.connect_timeout
-        read = upstream.read_timeout or settings.read_timeout
-        timeout = httpx.Timeout(connect=connect, read=read, write=read, pool=connect)
-        self.http = httpx.AsyncClient(
-            timeout=timeout, follow_redirects=False, trust_env=False,
-            limits=httpx.Limits(max_connections=200, max_keepalive_connections=50))
+        self.transport = Transport.for_upstream(
+            upstream.url, upstream.connect_timeout or settings.connect_timeout,
+            upstream.read_timeout or settings.read_timeout, ca_file=upstream.ca_file,
+            client_cert=upstream.client_cert, client_key=upstream.client_key)
+        self.http = self.transport.httpx_client()
         self.tokens = TokenCache(self.http, upstream.name, metrics,
                                  entries=settings.token_cache_entries)
-        self.downloads = Downloader(upstream.name, connect, read)
+        self.downloads = Downloader(upstream.name, self.transport)
         self.deadline = settings.upstream_deadline  # a whole request (body too) ends by it
         self.basic = (httpx.BasicAuth(upstream.username, upstream.password or "")
                       if upstream.username else None)
@@ -145,7 +143,7 @@ class UpstreamClient:
         if self.offline:
             raise errors.Unavailable(f"offline mode: upstream {self.name} is not contacted")
         url = path if path.startswith(("http://", "https://")) else self.upstream.url + path
-        if urlsplit(url)[:2] != urlsplit(self.upstream.url)[:2]:
+        if origin(url) != self.origin:
             raise errors.UpstreamError(f"upstream {self.name} pointed us at another host")
         return url
 
@@ -168,7 +166,7 @@ class UpstreamClient:
             if (response.status_code != 401 or tried or once
                     or (credential and credential.bearer)):
                 return response
-            if _origin(str(response.url)) != self.origin:
+            if origin(str(response.url)) != self.origin:
                 # A redirect target (a CDN) answered: its challenge is not our upstream's,
                 # and its realm must never receive our users' credentials.
                 return response
@@ -201,7 +199,7 @@ class UpstreamClient:
         if self.challenge is None and not self.offline:
             response = await self._send_following("GET", self.upstream.url + "/v2/", {}, None,
                                                   False)
-            if response.status_code == 401 and _origin(str(response.url)) == self.origin:
+            if response.status_code == 401 and origin(str(response.url)) == self.origin:
                 found = parse_challenge(response.headers.get("www-authenticate", ""))
                 if found and found.scheme in ("Bearer", "Basic"):
                     self.challenge = Challenge(found.scheme, found.realm, found.service)
@@ -216,7 +214,7 @@ class UpstreamClient:
         stream: bool,
         content: AsyncIterator[bytes] | bytes | None = None,
     ) -> httpx.Response:
-        origin = urlsplit(url)[:2]  # scheme and host: a change of either drops credentials
+        start = url
         for _ in range(MAX_REDIRECTS + 1):
             started = time.perf_counter()
             try:
@@ -235,87 +233,19 @@ class UpstreamClient:
             self._observe(str(response.status_code), started)
             self.ratelimit.observe(response.headers)
             location = response.headers.get("location")
-            if response.status_code not in (301, 302, 303, 307, 308) or not location:
+            if response.status_code not in REDIRECTS or not location:
                 return response
             await response.aclose()
-            url = urljoin(str(response.url), location)
-            params = None
             if content is not None and not isinstance(content, bytes):
                 return response  # a streamed body cannot follow a redirect
-            if urlsplit(url)[:2] != origin:
-                # A CDN must never see our upstream credentials.
-                headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+            url, headers = follow(start, str(response.url), location, headers)
+            params = None
             if response.status_code == 303:
                 method = "GET"
         raise errors.UpstreamError(f"upstream {self.name} redirected too many times")
-
 
     def _observe(self, status: str, started: float) -> None:
         if self.metrics is not None:
             self.metrics.upstream_requests.labels(self.name, status).inc()
             self.metrics.upstream_seconds.labels(self.name).observe(
                 time.perf_counter() - started)
-
-
-def _origin(url: str) -> tuple[str, str]:
-    parts = urlsplit(url)
-    return parts.scheme, parts.netloc
-
-
-def upstream_error(
-    response: _Answer,
-    upstream: str,
-    not_found: type[errors.RegistryError],
-    what: str,
-    body: bytes | None = None,
-) -> errors.RegistryError:
-    """Turn an upstream's error answer into the error our client should see."""
-    status = response.status_code
-    code, message = _error_code(body)
-    if status == 429:
-        headers = {"Retry-After": response.headers["retry-after"]} \
-            if "retry-after" in response.headers else {}
-        return errors.TooManyRequests(
-            f"upstream {upstream} is rate limiting requests for {what}", headers=headers)
-    if status == 404:
-        cls = errors.BY_CODE.get(code or "", not_found)
-        if cls.status != 404:
-            cls = not_found
-        return cls(message or f"{what} not found on upstream {upstream}")
-    if status == 401:
-        # Valid credentials without the right to `what` (what the caller should see as 403).
-        scope = "insufficient_scope" in response.headers.get("www-authenticate", "")
-        return errors.Unauthorized(f"upstream {upstream} requires authentication for {what}",
-                                   detail="insufficient_scope" if scope else None)
-    if status == 403:
-        return errors.Denied(f"upstream {upstream} denied access to {what}")
-    if 400 <= status < 500:
-        # The upstream's own answer: passed on with its status, and its code when it is one
-        # of the spec's (else the closest the request's kind allows).
-        cls = errors.BY_CODE.get(code or "", _REFUSED.get(not_found, errors.Unsupported))
-        text = message or f"upstream {upstream} refused {what} ({status})"
-        return cls(text).answered(status, code)
-    if status == 503:
-        headers = {"Retry-After": response.headers["retry-after"]} \
-            if "retry-after" in response.headers else {}
-        return errors.Unavailable(f"upstream {upstream} is unavailable (503) for {what}",
-                                  headers=headers)
-    return errors.UpstreamError(f"upstream {upstream} answered {status} for {what}")
-
-
-# A 4xx without a code the spec knows: the closest code for what was asked.
-_REFUSED: dict[type[errors.RegistryError], type[errors.RegistryError]] = {
-    errors.ManifestUnknown: errors.ManifestInvalid,
-    errors.BlobUnknown: errors.BlobUnknown,
-    errors.NameUnknown: errors.NameInvalid,
-}
-
-
-def _error_code(body: bytes | None) -> tuple[str | None, str | None]:
-    if not body:
-        return None, None
-    try:
-        first = json.loads(body)["errors"][0]
-        return str(first.get("code")), str(first.get("message") or "") or None
-    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-        return None, None

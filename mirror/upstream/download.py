@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Mapping
 from typing import Protocol
-from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 
 from mirror import errors
+from mirror.upstream.redirects import REDIRECTS, follow
+from mirror.upstream.transport import Transport
 
 
 class Streamed(Protocol):
@@ -64,26 +65,24 @@ class Body:
 class Downloader:
     """One aiohttp session per upstream, opened on first use (it needs a running loop)."""
 
-    def __init__(self, upstream: str, connect_timeout: float, read_timeout: float) -> None:
+    def __init__(self, upstream: str, transport: Transport) -> None:
         self.upstream = upstream
-        self.timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=connect_timeout, sock_read=read_timeout)
+        self.transport = transport
         self._session: aiohttp.ClientSession | None = None
 
     def _open(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                auto_decompress=False, timeout=self.timeout, trust_env=False,
-                connector=aiohttp.TCPConnector(limit=200, ttl_dns_cache=60))
+            self._session = self.transport.aiohttp_session()
         return self._session
 
     async def get(self, url: str, headers: dict[str, str], max_redirects: int) -> Body:
-        """GET following redirects; a change of scheme or host drops our Authorization."""
-        origin = urlsplit(url)[:2]
+        """GET following redirects as `mirror.upstream.redirects` says."""
+        start = url
         for _ in range(max_redirects + 1):
             try:
                 response = await self._open().get(
-                    url, headers=headers, allow_redirects=False, compress=None)
+                    url, headers=headers, allow_redirects=False, compress=None,
+                    **self.transport.aiohttp_options(url))
             except TimeoutError as exc:
                 raise errors.UpstreamTimeout(f"upstream {self.upstream} timed out") from exc
             except aiohttp.ClientError as exc:
@@ -91,12 +90,10 @@ class Downloader:
                     f"upstream {self.upstream} unreachable: {type(exc).__name__}: {exc}"
                 ) from exc
             location = response.headers.get("location")
-            if response.status not in (301, 302, 303, 307, 308) or not location:
+            if response.status not in REDIRECTS or not location:
                 return Body(response, self.upstream)
             response.release()
-            url = urljoin(url, location)
-            if urlsplit(url)[:2] != origin:
-                headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+            url, headers = follow(start, url, location, headers)
         raise errors.UpstreamError(f"upstream {self.upstream} redirected too many times")
 
     async def aclose(self) -> None:

@@ -1,0 +1,142 @@
+"""How connections to an upstream are made, for both HTTP clients from one place (httpx for
+metadata, aiohttp for blob bodies):
+
+- timeouts: connect and read, per upstream or the global ones;
+- proxies: `HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY` and `NO_PROXY` from the environment (in
+  either case, as curl and Docker read them), decided for each request's URL, so a redirect
+  to a CDN goes through the proxy or not by the CDN's own host;
+- TLS: the system's CAs, plus the upstream's `ca_file`; a client certificate (`client_cert`,
+  `client_key`) is presented to the upstream's own origin only, never to a redirect target.
+"""
+
+from __future__ import annotations
+
+import ssl
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+import httpx
+
+from mirror.upstream.redirects import origin
+
+LIMIT = 200  # connections per upstream and HTTP client
+KEEPALIVE = 50
+
+
+def tls_context(ca_file: str | None = None, client_cert: str | None = None,
+                client_key: str | None = None) -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    if ca_file:
+        context.load_verify_locations(cafile=ca_file)
+    if client_cert:
+        context.load_cert_chain(client_cert, client_key or None)
+    return context
+
+
+@dataclass
+class Transport:
+    url: str  # the upstream's base URL: its origin gets `upstream_tls`
+    connect: float
+    read: float
+    proxies: Mapping[str, str] = field(default_factory=dict)
+    upstream_tls: ssl.SSLContext = field(default_factory=tls_context)
+    other_tls: ssl.SSLContext = field(default_factory=tls_context)
+
+    @classmethod
+    def for_upstream(cls, url: str, connect: float, read: float, *, ca_file: str | None,
+                     client_cert: str | None, client_key: str | None,
+                     environ: Mapping[str, str] | None = None) -> Transport:
+        proxies = (urllib.request.getproxies_environment() if environ is None
+                   else _proxies(environ))
+        return cls(url, connect, read, proxies,
+                   tls_context(ca_file, client_cert, client_key), tls_context(ca_file))
+
+    def proxy_for(self, url: str) -> str | None:
+        parts = urlsplit(url)
+        if _bypass(parts.hostname or "", parts.port, self.proxies.get("no", "")):
+            return None
+        return self.proxies.get(parts.scheme) or self.proxies.get("all") or None
+
+    def tls_for(self, url: str) -> ssl.SSLContext:
+        return self.upstream_tls if origin(url) == origin(self.url) else self.other_tls
+
+    # -- the two clients -------------------------------------------------------------------
+
+    def httpx_client(self) -> httpx.AsyncClient:
+        timeout = httpx.Timeout(connect=self.connect, read=self.read, write=self.read,
+                                pool=self.connect)
+        return httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False,
+                                 transport=_Routing(self))
+
+    def aiohttp_session(self) -> aiohttp.ClientSession:
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.connect,
+                                        sock_read=self.read)
+        return aiohttp.ClientSession(
+            auto_decompress=False, timeout=timeout, trust_env=False,
+            connector=aiohttp.TCPConnector(limit=LIMIT, ttl_dns_cache=60))
+
+    def aiohttp_options(self, url: str) -> dict[str, Any]:
+        """Per request: where to connect through, and how to check the server."""
+        if url.startswith("https://"):
+            return {"proxy": self.proxy_for(url), "ssl": self.tls_for(url)}
+        return {"proxy": self.proxy_for(url)}
+
+
+class _Routing(httpx.AsyncBaseTransport):
+    """httpx transports chosen per request: through the proxy the URL needs (or none), with
+    the TLS context its origin gets."""
+
+    def __init__(self, transport: Transport) -> None:
+        self.transport = transport
+        self._inner: dict[tuple[str | None, bool], httpx.AsyncHTTPTransport] = {}
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        url = str(request.url)
+        proxy = self.transport.proxy_for(url)
+        upstream = origin(url) == origin(self.transport.url)
+        key = (proxy, upstream)
+        inner = self._inner.get(key)
+        if inner is None:
+            inner = self._inner[key] = httpx.AsyncHTTPTransport(
+                proxy=proxy, verify=self.transport.tls_for(url),
+                limits=httpx.Limits(max_connections=LIMIT, max_keepalive_connections=KEEPALIVE))
+        return await inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        for inner in self._inner.values():
+            await inner.aclose()
+
+
+def _bypass(host: str, port: int | None, no_proxy: str) -> bool:
+    """Whether NO_PROXY exempts `host`: `*`, the host itself, or a domain it is under
+    (`example.com` and `.example.com` both cover `a.example.com`), optionally with a port."""
+    host = host.lower().strip("[]")
+    for entry in (e.strip().lower() for e in no_proxy.split(",")):
+        if not entry:
+            continue
+        if entry == "*":
+            return True
+        name, _, entry_port = entry.rpartition(":") if entry.count(":") == 1 else (entry, "", "")
+        if entry_port and entry_port != str(port):
+            continue
+        name = name.strip("[]").lstrip(".")
+        if host == name or host.endswith("." + name):
+            return True
+    return False
+
+
+def _proxies(environ: Mapping[str, str]) -> dict[str, str]:
+    """`urllib.request.getproxies_environment`, over a given environment (tests)."""
+    found: dict[str, str] = {}
+    for name, value in environ.items():
+        lower = name.lower()
+        if value and lower.endswith("_proxy"):
+            found[lower[:-6]] = value
+    for name, value in environ.items():  # the lowercase form wins, as in urllib
+        if value and name.endswith("_proxy") and name.islower():
+            found[name[:-6]] = value
+    return found
