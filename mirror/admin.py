@@ -1,4 +1,5 @@
-"""`mirror cache ls|du|rm|gc|verify`: look at and tidy a cache, safe while a server uses it.
+"""`mirror cache ls|du|rm|gc|verify|refresh|pin|unpin`: look at and tidy a cache, safe while
+a server uses it (`refresh`, `pin`, `unpin` and `rm` are `mirror.cacheops`).
 
 They change the cache only the way a server does: content files go with unlink(2) (a
 client already reading one keeps its descriptor and gets every byte; the next request
@@ -24,19 +25,16 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 
-import cachetools
-
-from mirror import imageref, objectstore
+from mirror import cacheops, objectstore
 from mirror import metadata as metadata_module
 from mirror.airgap.progress import human_bytes
-from mirror.errors import RegistryError
 from mirror.evict import default_budget
 from mirror.imageref import ImageRef, RefError
 from mirror.metadata import Metadata
-from mirror.reference import Digest, parse_digest
-from mirror.settings import Settings, SettingsError, load, parse_upstream
+from mirror.reference import Digest
+from mirror.settings import Settings, SettingsError, load
 from mirror.store import STALE_TMP, FillLock, Store
 
 GC_MIN_AGE = 600.0
@@ -56,17 +54,30 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                                  "(exit status 1 if any)"),
     }
     for parser in parsers.values():
-        parser.add_argument("--config", metavar="FILE", help="TOML settings file")
-        parser.add_argument("--cache-dir", metavar="DIR", help="where the cache lives")
-        parser.add_argument("--redis", dest="redis_url", metavar="URL",
-                            help="shared metadata store (as for serve)")
-        parser.add_argument("--storage", metavar="URL",
-                            help="where content lives: s3://BUCKET[/PREFIX] (as for serve)")
+        add_store_flags(parser)
     parsers["rm"].add_argument("image", metavar="IMAGE",
                                help="[UPSTREAM/]REPO[:TAG] or [UPSTREAM/]REPO@DIGEST")
+    for name, text in (("refresh", "forget tags' cached resolutions: the next pull of each, "
+                        "on every worker and replica, asks the upstream"),
+                       ("pin", "keep images (their manifests and blobs) from eviction"),
+                       ("unpin", "let pinned images be evicted again")):
+        parser = sub.add_parser(name, help=text)
+        add_store_flags(parser)
+        parser.add_argument("refs", nargs="+", metavar="REF",
+                            help="[UPSTREAM/]REPO[:TAG]" + ("" if name == "refresh" else
+                                                           " or [UPSTREAM/]REPO@DIGEST"))
     parsers["gc"].add_argument(
         "--min-age", metavar="SECONDS", type=float, default=GC_MIN_AGE,
         help=f"keep content used less than this long ago (default {GC_MIN_AGE:.0f})")
+
+
+def add_store_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="TOML settings file")
+    parser.add_argument("--cache-dir", metavar="DIR", help="where the cache lives")
+    parser.add_argument("--redis", dest="redis_url", metavar="URL",
+                        help="shared metadata store (as for serve)")
+    parser.add_argument("--storage", metavar="URL",
+                        help="where content lives: s3://BUCKET[/PREFIX] (as for serve)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -104,6 +115,8 @@ async def _run(settings: Settings, args: argparse.Namespace) -> int:
             return await rm(store, settings, args.image)
         if command == "gc":
             return await gc(store, args.min_age)
+        if command in ("refresh", "pin", "unpin"):
+            return await each_ref(store, settings, command, args.refs)
         return await verify(store)
     finally:
         await store.close()
@@ -111,19 +124,6 @@ async def _run(settings: Settings, args: argparse.Namespace) -> int:
 
 
 # -- what uses what --------------------------------------------------------------------------
-
-
-async def closure(metadata: Metadata, roots: Iterable[str]) -> set[str]:
-    """Every digest the root manifests lead to, by their recorded children."""
-    seen: set[str] = set()
-    pending = list(roots)
-    while pending:
-        digest = pending.pop()
-        if digest in seen:
-            continue
-        seen.add(digest)
-        pending += await metadata.children(digest) or []
-    return seen
 
 
 async def images(metadata: Metadata) -> AsyncIterator[tuple[str, list[str]]]:
@@ -135,36 +135,6 @@ async def images(metadata: Metadata) -> AsyncIterator[tuple[str, list[str]]]:
     async for ref in metadata.iter_refs():
         if not await metadata.tagged(ref.upstream, ref.repo, ref.digest):
             yield f"{ref.upstream}/{ref.repo}@{ref.digest}", [ref.digest]
-
-
-class Reachability:
-    """Whether a digest is in use: named by a root, or a child of a manifest in use.
-    Answers are memoised in a bounded cache (constant memory, whatever the cache holds)."""
-
-    def __init__(self, metadata: Metadata, ignore: Iterable[str] = ()) -> None:
-        self.metadata = metadata
-        self.ignore = set(ignore)  # manifests being removed: they keep nothing alive
-        self._memo: cachetools.LRUCache[str, bool] = cachetools.LRUCache(MEMO)
-
-    async def used(self, digest: str, depth: int = 0) -> bool:
-        known = self._memo.get(digest)
-        if known is not None:
-            return known
-        result = await self.metadata.named(digest)
-        if not result and depth < 8:
-            for parent in await self.metadata.parents(digest):
-                if parent not in self.ignore and await self.used(parent, depth + 1):
-                    result = True
-                    break
-        self._memo[digest] = result
-        return result
-
-
-def _digest(text: str) -> Digest | None:
-    try:
-        return parse_digest(text)
-    except RegistryError:
-        return None
 
 
 def _when(at: float | None) -> str:
@@ -210,33 +180,46 @@ async def du(store: Store, settings: Settings) -> int:
 
 
 async def rm(store: Store, settings: Settings, text: str) -> int:
-    metadata = store.metadata
     try:
-        ref = await parse_ref(metadata, settings, text)
+        ref = await cacheops.parse_ref(store.metadata, settings.upstreams, text)
+        removed, freed = await cacheops.forget(store, ref)
     except RefError as exc:
         print(f"mirror: {exc}", file=sys.stderr)
         return 2
-    if ref.digest is not None and ref.tag is None:
-        roots = [ref.digest] if await metadata.drop_ref(ref.upstream, ref.repo,
-                                                        ref.digest) else []
-    else:
-        assert ref.tag is not None
-        roots = await metadata.drop_tag(ref.upstream, ref.repo, ref.tag)
-    if not roots:
-        print(f"mirror: {ref} is not in the cache", file=sys.stderr)
+    except cacheops.NotCached as exc:
+        print(f"mirror: {exc}", file=sys.stderr)
         return 1
-    await store.unpin(str(ref))
-    doomed = await closure(metadata, roots)
-    reach = Reachability(metadata, ignore=doomed)
-    free = [d for d in doomed if not await reach.used(d)]
-    removed, freed = await _remove(store, free)
     print(f"removed {ref}: {removed} entries, {human_bytes(freed)}")
     return 0
 
 
+async def each_ref(store: Store, settings: Settings, command: str, texts: list[str]) -> int:
+    """`refresh`, `pin` or `unpin` of each reference; exit status 1 if any failed (2 if
+    one does not parse)."""
+    status = 0
+    for text in texts:
+        try:
+            ref = await cacheops.parse_ref(store.metadata, settings.upstreams, text)
+            if command == "refresh":
+                dropped = await cacheops.refresh(store.metadata, ref)
+                print(f"refreshed {ref}: " + (f"{len(dropped)} cached resolution(s) dropped; "
+                      if dropped else "nothing was cached; ") + "the next pull asks upstream")
+            elif command == "pin":
+                print(f"pinned {ref}: {await cacheops.pin(store, ref)} entries")
+            else:
+                print(f"unpinned {ref}: {await cacheops.unpin(store, ref)} entries")
+        except RefError as exc:
+            print(f"mirror: {exc}", file=sys.stderr)
+            status = 2
+        except cacheops.NotCached as exc:
+            print(f"mirror: {exc}", file=sys.stderr)
+            status = max(status, 1)
+    return status
+
+
 async def gc(store: Store, min_age: float) -> int:
     metadata = store.metadata
-    reach = Reachability(metadata)
+    reach = cacheops.Reachability(metadata)
     now = time.time()
     removed = freed = 0
     batch: list[str] = []
@@ -246,9 +229,9 @@ async def gc(store: Store, min_age: float) -> int:
             continue
         batch.append(record.digest)
         if len(batch) >= 500:
-            r, f = await _remove(store, batch)
+            r, f = await cacheops.remove(store, batch)
             removed, freed, batch = removed + r, freed + f, []
-    r, f = await _remove(store, batch)
+    r, f = await cacheops.remove(store, batch)
     removed, freed = removed + r, freed + f
     # Strays: files nothing records. In an object store an unrecorded object may be content
     # whose record the metadata store lost (`verify` records it again): never removed here.
@@ -319,33 +302,6 @@ async def verify_objects(store: Store) -> int:
 # -- helpers ---------------------------------------------------------------------------------
 
 
-async def parse_ref(metadata: Metadata, settings: Settings, text: str) -> ImageRef:
-    """Parse against the configured upstreams and those the cache names (by name or host)."""
-    upstreams = list(settings.upstreams)
-    known = {u.name for u in upstreams}
-    for name in await metadata.upstream_names():
-        if name not in known:
-            with contextlib.suppress(SettingsError):
-                upstreams.append(parse_upstream({"name": name, "url": f"https://{name}"}))
-    return imageref.parse(text, upstreams, known_only=False)
-
-
-async def _remove(store: Store, digests: Iterable[str]) -> tuple[int, int]:
-    removed = freed = 0
-    for text in digests:
-        digest = _digest(text)
-        if digest is None or await store.metadata.pinned(text):
-            continue
-        size = store.size(digest)
-        if size is None:
-            await store.metadata.drop_content([text])
-            continue
-        await store.remove(digest)
-        removed += 1
-        freed += size
-    return removed, freed
-
-
 async def _remove_strays(store: Store, min_age: float) -> int:
     """Files under blobs/ with no content record, older than `min_age` (streamed walk)."""
     removed = 0
@@ -401,5 +357,7 @@ def _size_of(path: os.PathLike[str]) -> int:
     except FileNotFoundError:
         return 0
 
+
+closure = cacheops.closure  # for the callers that knew it here
 
 __all__ = ["ImageRef", "add_parser", "closure", "images", "run"]

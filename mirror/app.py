@@ -6,18 +6,21 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.routing import Route
 
 from mirror import cluster, errors, services
+from mirror.audit import AuditLog
 from mirror.evict import Evictor
 from mirror.metrics import Metrics
 from mirror.observe import AccessLog, Health, Observe
 from mirror.routes import Handlers
+from mirror.routes_admin import AdminHandlers
 from mirror.routes_internal import InternalHandlers
 from mirror.routes_listing import ListingHandlers
 from mirror.routes_push import PushHandlers
@@ -40,6 +43,7 @@ def create_app(settings: Settings) -> Starlette:
     uploads = Uploads(store, settings.upload_timeout, settings.max_layer_size, metrics,
                       idle=settings.read_timeout)
     access_log = AccessLog()
+    audit = AuditLog(settings.audit_log, metrics) if settings.audit_log else None
     health = Health(metrics, store, next(iter(clients.values())), settings.offline)
     pushes = PushHandlers(handlers, uploads, parts.manifests, parts.access)
 
@@ -55,6 +59,9 @@ def create_app(settings: Settings) -> Starlette:
                       local_budget=settings.hot_cache_size if store.remote else None)
     store.on_commit = evictor.committed
     scrubber = Scrubber(store, settings.scrub_rate)
+    admin: list[Route] = []
+    if settings.admin_token:
+        admin = AdminHandlers(settings.admin_token, parts, evictor, metrics).routes()
 
     async def prune_grants() -> None:
         """Grants of single tokens are no use once expired: drop them (bounded table)."""
@@ -68,6 +75,9 @@ def create_app(settings: Settings) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await parts.metadata.open()
+        if audit is not None:
+            audit.start()
+            _on_sighup(audit.reopen)  # logrotate: rename, then SIGHUP
         background = [asyncio.create_task(store.recency.run(), name="recency"),
                       asyncio.create_task(evictor.run(), name="evict"),
                       asyncio.create_task(scrubber.run(), name="scrub"),
@@ -75,6 +85,9 @@ def create_app(settings: Settings) -> Starlette:
                       asyncio.create_task(uploads.run(clients), name="uploads")]
         yield
         access_log.flush()
+        if audit is not None:
+            _on_sighup(None)
+            audit.close()
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
@@ -83,7 +96,8 @@ def create_app(settings: Settings) -> Starlette:
 
     app = Starlette(
         routes=health.routes(with_metrics=not settings.metrics_listen)
-        + internal + ListingHandlers(handlers).routes() + pushes.routes() + handlers.routes(),
+        + internal + admin + ListingHandlers(handlers).routes() + pushes.routes()
+        + handlers.routes(),
         exception_handlers={
             errors.RegistryError: handlers.on_registry_error,
             HTTPException: handlers.on_http_error,
@@ -92,7 +106,7 @@ def create_app(settings: Settings) -> Starlette:
         lifespan=lifespan,
     )
     app.add_middleware(Observe, metrics=metrics, access=access_log,
-                       log_format=settings.access_format)
+                       log_format=settings.access_format, audit=audit)
     app.state.metrics = metrics
     app.state.settings = settings
     app.state.services = parts
@@ -102,6 +116,17 @@ def create_app(settings: Settings) -> Starlette:
     app.state.scrubber = scrubber
     app.state.clients = clients
     return app
+
+
+def _on_sighup(handler: Callable[[], None] | None) -> None:
+    """Run `handler` on SIGHUP in this process (None: no longer). Only the main thread's
+    loop can take signals: elsewhere (an app in a test's thread) there is no SIGHUP."""
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+        if handler is None:
+            loop.remove_signal_handler(signal.SIGHUP)
+        else:
+            loop.add_signal_handler(signal.SIGHUP, handler)
 
 
 def app_from_env() -> Starlette:

@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="largest layer a push may upload, e.g. 10GB (default 10GB)")
     serve.add_argument("--access-log", metavar="on|off",
                        help="one line per request (default on; json also sets --log-format)")
+    serve.add_argument("--audit-log", metavar="FILE",
+                       help="one JSON line per content request to FILE (- for stderr; default "
+                       "off); reopened on SIGHUP")
     serve.add_argument("--log-format", metavar="FORMAT",
                        help="plain or json, for every line on stderr (default plain)")
     serve.add_argument("--tls-cert", metavar="FILE",

@@ -41,7 +41,7 @@ class Metrics:
             ["route"], buckets=LATENCY, registry=r)
         self.lookups = Counter(
             "mirror_cache_lookups", "Cache lookups by kind (manifest, tag, blob) and result "
-            "(hit, miss, stale, negative).", ["kind", "result"], registry=r)
+            "(hit, miss, stale, negative, deleted).", ["kind", "result"], registry=r)
         self.served_bytes = Counter(
             "mirror_served_bytes", "Blob bytes sent to clients, by source (cache, upstream).",
             ["source"], registry=r)
@@ -90,11 +90,25 @@ class Metrics:
             multiprocess_mode="max", registry=r)
         self.errors = Counter(
             "mirror_errors", "Error answers, by OCI error code.", ["code"], registry=r)
+        # The last values an upstream reported (0 until it does): the most recent answer
+        # any worker saw wins.
+        self.ratelimit_limit = Gauge(
+            "mirror_upstream_ratelimit_limit", "Pulls an upstream allows per window "
+            "(its RateLimit-Limit; 0 until reported).", ["upstream"],
+            multiprocess_mode="mostrecent", registry=r)
+        self.ratelimit_remaining = Gauge(
+            "mirror_upstream_ratelimit_remaining", "Pulls left in the upstream's window "
+            "(its RateLimit-Remaining; 0 until reported).", ["upstream"],
+            multiprocess_mode="mostrecent", registry=r)
+        self.audit_dropped = Counter(
+            "mirror_audit_dropped_lines", "Audit log lines dropped because the writer could "
+            "not keep up (or could not write).", registry=r)
 
         # Fixed label sets exist from the start at 0, so rates and ratios are right at once.
         for kind in ("manifest", "tag", "blob"):
             for result in ("hit", "miss", "stale", "negative"):
                 self.lookups.labels(kind, result)
+        self.lookups.labels("tag", "deleted")  # tags deleted upstream, served (serve_deleted)
         for source in ("cache", "upstream"):
             self.served_bytes.labels(source)
         for outcome in ("ok", "timeout", "too_large", "error"):
@@ -104,13 +118,33 @@ class Metrics:
         for reason in FILL_FAILURES:
             self.fill_failures.labels(reason)
 
-    def exposition(self) -> tuple[bytes, str]:
-        """The text to answer a scrape with: summed over workers in multiprocess mode."""
+    def ratelimit_gauges(self, upstream: str) -> tuple[Gauge, Gauge]:
+        """The upstream's (limit, remaining) gauges, exported at once at 0. The 0 is stamped
+        older than any answer: in multiprocess mode the most recent value any worker saw
+        wins, so a worker started later (a restart) must not hide it."""
+        gauges = (self.ratelimit_limit.labels(upstream),
+                  self.ratelimit_remaining.labels(upstream))
+        for gauge in gauges:
+            gauge._value.set(0.0, timestamp=1.0)  # Gauge.set would stamp it "now"
+        return gauges
+
+    def _summed(self) -> CollectorRegistry:
+        """The registry to read: every worker's samples in multiprocess mode, else ours."""
         if os.environ.get(MULTIPROC_ENV):
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-            return generate_latest(registry), CONTENT_TYPE_LATEST
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+            return registry
+        return self.registry
+
+    def exposition(self) -> tuple[bytes, str]:
+        """The text to answer a scrape with: summed over workers in multiprocess mode."""
+        return generate_latest(self._summed()), CONTENT_TYPE_LATEST
+
+    def samples(self, name: str) -> list[tuple[dict[str, str], float]]:
+        """(labels, value) of every sample called `name` (e.g. `mirror_fills_in_progress`),
+        summed over workers like a scrape."""
+        return [(dict(s.labels), s.value) for family in self._summed().collect()
+                for s in family.samples if s.name == name]
 
 
 def serve_metrics(host: str, port: int) -> None:

@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from mirror.audit import AuditLog, entry_of
 from mirror.errors import StreamAborted
 from mirror.logs import field, timestamp
 from mirror.metrics import Metrics
@@ -68,11 +69,12 @@ class Observe:
     """Counts and times every request, and writes one access-log line for it."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics, access: AccessLog,
-                 log_format: str = "plain") -> None:
+                 log_format: str = "plain", audit: AuditLog | None = None) -> None:
         self.app = app
         self.metrics = metrics
         self.log_format = log_format
         self.access = access
+        self.audit = audit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -81,11 +83,13 @@ class Observe:
         started = time.perf_counter()
         status = 500
         sent = 0
+        headers: list[tuple[bytes, bytes]] = []
 
         async def counting_send(message: Message) -> None:
-            nonlocal status, sent
+            nonlocal status, sent, headers
             if message["type"] == "http.response.start":
                 status = message["status"]
+                headers = message.get("headers") or []
             elif message["type"] == "http.response.body":
                 sent += len(message.get("body", b""))
             await send(message)
@@ -105,6 +109,10 @@ class Observe:
             self.metrics.request_seconds.labels(label).observe(elapsed)
             if self.log_format != "off":
                 self._log(scope, status, sent, elapsed)
+            if self.audit is not None:
+                entry = entry_of(scope, status, sent, headers)
+                if entry is not None:
+                    self.audit.add(entry)
 
     def _log(self, scope: Scope, status: int, sent: int, elapsed: float) -> None:
         state = scope.get("state") or {}

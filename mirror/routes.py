@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from mirror import errors
+from mirror import errors, policy
 from mirror.access import OUTAGE, Access
 from mirror.auth import (
     MAX_FORM,
@@ -27,7 +27,14 @@ from mirror.auth import (
 )
 from mirror.blobs import BlobService
 from mirror.identity import Caller, Identities
-from mirror.manifests import ManifestInfo, ManifestService, accept_key
+from mirror.manifests import (
+    STALE_DELETED,
+    STALE_RESERVE,
+    STALE_UNREACHABLE,
+    ManifestInfo,
+    ManifestService,
+    accept_key,
+)
 from mirror.metadata import AcceptKey, MetadataError
 from mirror.metrics import Metrics
 from mirror.ranges import parse_range
@@ -40,6 +47,11 @@ API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
 DOCKER_HUB_HOSTS = {"registry-1.docker.io", "index.docker.io", DOCKER_HUB}
 STALE_WARNING = ('299 - "served from the cache: the upstream could not be reached, so this '
                  'tag may have moved since"')
+RESERVE_WARNING = ('299 - "served from the cache: the upstream\'s rate limit is nearly used '
+                   'up, so this tag was not checked and may have moved since"')
+DELETED_WARNING = '299 - "served from the cache: the upstream no longer has this tag"'
+WARNINGS = {STALE_UNREACHABLE: STALE_WARNING, STALE_RESERVE: RESERVE_WARNING,
+            STALE_DELETED: DELETED_WARNING}
 
 
 def error_response(exc: errors.RegistryError) -> Response:
@@ -70,6 +82,9 @@ class Handlers:
         self.identities = identities
         self.tokens = TokenEndpoint(clients, identities)
         self.public_url = public_url.rstrip("/")
+        # Compiled once per upstream; checked in `target`, which every request naming a
+        # repository goes through.
+        self.policies = policy.policies(c.upstream for c in clients.values())
 
     def routes(self) -> list[Route]:
         read = ["GET", "HEAD"]
@@ -93,8 +108,12 @@ class Handlers:
         check_name(name)
         if client.upstream.library_prefix and "/" not in name:
             name = "library/" + name
-        request.state.target = (client, name)  # for the challenge of a 401
+        request.state.target = (client, name)  # for the challenge of a 401 (and the logs)
+        self.policies[client.name].check(name)  # before any cache is looked at
         return client, name
+
+    def permits(self, client: UpstreamClient, repo: str) -> bool:
+        return self.policies[client.name].permits(repo)
 
     def client_for(self, request: Request) -> UpstreamClient:
         ns = request.query_params.get("ns")
@@ -116,6 +135,18 @@ class Handlers:
         request.state.user = caller.user or ("anonymous" if caller.anonymous else "")
         return caller
 
+    async def _note_user(self, request: Request) -> None:
+        """Who was refused, for the audit log: the policy refuses before `caller` runs."""
+        if getattr(request.state, "user", None) is not None:
+            return
+        client, _ = getattr(request.state, "target", (self.default, ""))
+        try:
+            identities = await self.identities.ready()
+            caller = identities.caller(request.headers.get("authorization"), client.name)
+        except errors.RegistryError:
+            return
+        request.state.user = caller.user or ("anonymous" if caller.anonymous else "")
+
     def realm(self, request: Request) -> str:
         # Behind a proxy `public_url` must be set: the Host header is the client's to forge.
         base = self.public_url or f"{request.url.scheme}://{request.url.netloc}"
@@ -123,6 +154,8 @@ class Handlers:
 
     async def on_registry_error(self, request: Request, exc: Exception) -> Response:
         assert isinstance(exc, errors.RegistryError)
+        if isinstance(exc, policy.Refused):
+            await self._note_user(request)
         if isinstance(exc, errors.Unobtainable):  # its code names what was asked for
             path = request.url.path
             exc.for_kind("manifests" if "/manifests/" in path else "blobs"
@@ -196,20 +229,26 @@ class Handlers:
         caller = await self.caller(request, client)
         reference = check_reference(request.path_params["reference"])
         head = request.method == "HEAD"
-        stale = False
+        stale = ""
         if isinstance(reference, Digest):
             digest = reference
         else:
             accept = accept_key(request.headers.getlist("accept"))
+            known = self.manifests.remembers(client, repo, reference, accept)
             info = await self._resolve(client, repo, caller, reference, accept)
             await self.access.link(client, repo, [str(info.digest)])
             if head:
+                request.state.cache = "stale" if info.stale else "hit" if known else "miss"
                 return manifest_response(info, None, info.stale)
             digest, stale = info.digest, info.stale
         decision = await self.access.authorize_digest(client, repo, caller, digest,
                                                       "manifests")
-        manifest = await self.manifests.get(client, repo, digest, caller.credential,
-                                            cached=decision.cached)
+        # Looked up first only to say where the bytes came from (`get` looks there too).
+        manifest = await self.manifests.cached(digest) if decision.cached else None
+        request.state.cache = "stale" if stale else "hit" if manifest else "miss"
+        if manifest is None:
+            manifest = await self.manifests.get(client, repo, digest, caller.credential,
+                                                cached=decision.cached)
         await self.access.link_manifest(client, repo, digest, manifest.data,
                                         manifest.info.media_type)
         return manifest_response(manifest.info, None if head else manifest.data, stale)
@@ -232,7 +271,14 @@ class Handlers:
                     client, repo, tag, accept, self.access.probe_credential(client, caller),
                     caller.identity)
             except (errors.ManifestUnknown, errors.NameUnknown):
-                raise  # a 404 proves nothing: no grant
+                # A 404 proves nothing (no grant); a tag deleted upstream is still served,
+                # when asked to, to callers who proved their access before.
+                if client.upstream.serve_deleted and await self.access.granted(
+                        client, repo, caller, lasting=True):
+                    kept = await self.manifests.deleted_tag(client, repo, tag, accept)
+                    if kept is not None:
+                        return kept
+                raise
             except OUTAGE:
                 if await self.access.granted(client, repo, caller, lasting=True):
                     return await self.manifests.resolve(client, repo, tag, accept,
@@ -295,12 +341,13 @@ class Handlers:
             counter.inc(len(chunk))
             yield chunk
 
-def manifest_response(info: ManifestInfo, data: bytes | None, stale: bool = False) -> Response:
-    """The same headers for GET and HEAD; `data` None means HEAD (no body)."""
+def manifest_response(info: ManifestInfo, data: bytes | None, stale: str = "") -> Response:
+    """The same headers for GET and HEAD; `data` None means HEAD (no body); `stale` why
+    the answer is the cache's alone (`mirror.manifests.STALE_*`), if it is."""
     headers = {**API_VERSION, "Docker-Content-Digest": str(info.digest),
                "Content-Type": info.media_type, "Content-Length": str(info.size),
                "ETag": f'"{info.digest}"'}
     if stale:
         # The spec's form (code 299, agent "-"), which clients show to the user.
-        headers["Warning"] = STALE_WARNING
+        headers["Warning"] = WARNINGS.get(stale, STALE_WARNING)
     return Response(data or b"", headers=headers)

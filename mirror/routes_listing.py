@@ -1,6 +1,7 @@
 """HTTP routing of listings: the catalog of cached repositories, a repository's tags and a
 manifest's referrers. Tags and referrers are the upstream's answer, asked with the caller's
-own credential (nothing of them is cached); the catalog lists what the caller may read."""
+own credential (nothing of them is cached); the catalog lists what the caller may read and
+the repository policy (`mirror.policy`) serves."""
 
 from __future__ import annotations
 
@@ -73,7 +74,8 @@ class ListingHandlers:
         async for repo in self.reads.access.metadata.iter_repos(client.name, after):
             scanned += 1
             access = self.reads.access
-            if (await access.granted(client, repo, caller, lasting=True)
+            if self.reads.permits(client, repo) and (
+                    await access.granted(client, repo, caller, lasting=True)
                     or await access.granted(client, repo, ANONYMOUS_CALLER, lasting=True)):
                 found.append(prefix + repo)
             if len(found) >= wanted or scanned >= CATALOG_SCAN:

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
-import re
 import ssl
 import tomllib
 from collections.abc import Callable, Mapping
@@ -19,15 +17,31 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from mirror import policy, ratelimit
+from mirror.settingvalues import (
+    SettingsError,
+    above_zero,
+    at_least_one,
+    boolean,
+    choice,
+    level,
+    listen,
+    parse_listen,
+    parse_size,
+    positive,
+    redis_url,
+    size,
+    storage,
+)
+
+__all__ = ["Settings", "SettingsError", "Upstream", "load", "parse_listen", "parse_size",
+           "parse_upstream"]
+
 DOCKER_HUB_URL = "https://registry-1.docker.io"
 DOCKER_HUB = "docker.io"
 ENV_PREFIX = "MIRROR_"
 # How resolved settings reach uvicorn's worker processes.
 RESOLVED_ENV = "_MIRROR_RESOLVED_SETTINGS"
-
-
-class SettingsError(ValueError):
-    """A setting has a bad value; the message names the setting."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +69,20 @@ class Upstream:
     ca_file: str | None = None
     client_cert: str | None = None
     client_key: str | None = None
+    # Repository policy (`mirror.policy`): patterns served (None: all) and refused.
+    allow: tuple[str, ...] | None = None
+    deny: tuple[str, ...] = ()
+    # A tag the upstream answers 404 for is served from the cache (with a warning).
+    serve_deleted: bool = False
+    # Rate-limit budget kept back (`mirror.ratelimit`); None: the global setting.
+    ratelimit_reserve: str | None = None
+
+    def __post_init__(self) -> None:
+        # Lists (from TOML or the workers' JSON) become tuples: the dataclass stays frozen.
+        for key in ("allow", "deny"):
+            value = getattr(self, key)
+            if isinstance(value, list):
+                object.__setattr__(self, key, tuple(value))
 
     @property
     def host(self) -> str:
@@ -124,6 +152,12 @@ class Settings:
     manifest_cache_bytes: int = 64 * 2**20
     token_cache_entries: int = 10_000
     link_cache_entries: int = 100_000
+    # One JSON line per content request: a file ("-": stderr; "": off).
+    audit_log: str = ""
+    # Bearer token of the HTTP admin API ("": no admin API).
+    admin_token: str = ""
+    # Rate-limit budget kept back, for upstreams that set none: pulls, or a share like "10%".
+    ratelimit_reserve: str = ratelimit.DEFAULT_RESERVE
 
     @property
     def default_upstream(self) -> Upstream:
@@ -156,28 +190,6 @@ def default_cache_dir() -> Path:
     return Path(base) / "mirror"
 
 
-def parse_listen(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise SettingsError(f"listen: expected HOST:PORT, got {value!r}")
-    return host.strip("[]") or "0.0.0.0", int(port)
-
-
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
-          "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
-          "tib": 2**40}
-
-
-def parse_size(value: str | int) -> int:
-    """`10GB`, `512MiB`, `1048576` -> bytes."""
-    if isinstance(value, int):
-        return value
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", value)
-    if not match or match.group(2).lower() not in _UNITS:
-        raise ValueError(f"not a size: {value!r}")
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
-
-
 def parse_upstream(spec: str | Mapping[str, Any]) -> Upstream:
     """`[NAME=]URL` or a TOML table; a bare URL is named after its host."""
     if isinstance(spec, str):
@@ -200,12 +212,24 @@ def parse_upstream(spec: str | Mapping[str, Any]) -> Upstream:
         raise SettingsError(f"upstream {data['name']}: unknown setting(s) {sorted(unknown)}")
     for key in ("tag_ttl", "connect_timeout", "read_timeout"):
         if data.get(key) is not None:
-            data[key] = _positive(f"upstream.{key}", data[key])
+            data[key] = positive(f"upstream.{key}", data[key])
+    where = f"upstream {data['name']}"
     for key in ("ca_file", "client_cert", "client_key"):
         if data.get(key):
-            data[key] = _readable(f"upstream {data['name']}: {key}", data[key])
+            data[key] = _readable(f"{where}: {key}", data[key])
     if data.get("client_key") and not data.get("client_cert"):
-        raise SettingsError(f"upstream {data['name']}: client_key needs client_cert")
+        raise SettingsError(f"{where}: client_key needs client_cert")
+    for key in ("allow", "deny"):
+        if data.get(key) is not None:
+            try:
+                data[key] = policy.check_patterns(data[key])
+            except policy.PolicyError as exc:
+                raise SettingsError(f"{where}: {key}: {exc}") from None
+    if "serve_deleted" in data:
+        data["serve_deleted"] = boolean(f"{where}: serve_deleted", data["serve_deleted"])
+    if data.get("ratelimit_reserve") is not None:
+        data["ratelimit_reserve"] = _reserve(f"{where}: ratelimit_reserve",
+                                             data["ratelimit_reserve"])
     return Upstream(**data)
 
 
@@ -219,24 +243,12 @@ def _readable(name: str, value: Any) -> str:
     return str(path)
 
 
-def _positive(name: str, value: Any) -> float:
+def _reserve(name: str, value: Any) -> str:
     try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise SettingsError(f"{name}: expected a number, got {value!r}") from None
-    if not math.isfinite(number) or number < 0:
-        raise SettingsError(f"{name}: must be a finite number not below 0, got {value!r}")
-    return number
-
-
-def _at_least_one(name: str, value: Any) -> int:
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise SettingsError(f"{name}: expected a whole number, got {value!r}") from None
-    if number < 1:
-        raise SettingsError(f"{name}: must be at least 1, got {value!r}")
-    return number
+        ratelimit.parse_reserve(value)
+    except ValueError as exc:
+        raise SettingsError(f"{name}: {exc}") from None
+    return str(value).strip()
 
 
 def _upstreams(name: str, value: Any) -> tuple[Upstream, ...]:
@@ -251,114 +263,45 @@ def _upstreams(name: str, value: Any) -> tuple[Upstream, ...]:
     return upstreams
 
 
-def _size(name: str, value: Any) -> int:
-    try:
-        if isinstance(value, bool):
-            raise ValueError(value)
-        return parse_size(value if isinstance(value, int) else str(value))
-    except ValueError:
-        raise SettingsError(f"{name}: expected bytes or a size like 10GB or 512MiB, "
-                            f"got {value!r}") from None
-
-
-def _listen(name: str, value: Any) -> str:
-    parse_listen(str(value))
-    return str(value)
-
-
-def _choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
-    if str(value).lower() not in choices:
-        raise SettingsError(f"{name}: expected one of {', '.join(choices)}, got {value!r}")
-    return str(value).lower()
-
-
-def _above_zero(name: str, value: Any) -> float:
-    number = _positive(name, value)
-    if number == 0:
-        raise SettingsError(f"{name}: must be above 0, got {value!r}")
-    return number
-
-
-def _level(name: str, value: Any) -> str:
-    levels = ("critical", "error", "warning", "info", "debug", "trace")
-    if str(value).lower() not in levels:
-        raise SettingsError(f"{name}: expected one of {levels}, got {value!r}")
-    return str(value).lower()
-
-
-def _bool(name: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off", ""):
-        return False
-    raise SettingsError(f"{name}: expected true or false, got {value!r}")
-
-
 _PARSERS: dict[str, Callable[[str, Any], Any]] = {
-    "listen": _listen,
+    "listen": listen,
     "upstreams": _upstreams,
     "cache_dir": lambda _n, v: Path(str(v)).expanduser(),
-    "tag_ttl": _positive,
-    "negative_ttl": _positive,
-    "workers": _at_least_one,
-    "connect_timeout": _positive,
-    "read_timeout": _positive,
-    "log_level": _level,
-    "offline": _bool,
+    "tag_ttl": positive,
+    "negative_ttl": positive,
+    "workers": at_least_one,
+    "connect_timeout": positive,
+    "read_timeout": positive,
+    "log_level": level,
+    "offline": boolean,
     "public_url": lambda _n, v: str(v),
-    "max_cache_size": _size,
-    "upload_timeout": _positive,
-    "access_log": lambda n, v: _choice(n, v, ("on", "off", "plain", "json")),
-    "log_format": lambda n, v: _choice(n, v, ("plain", "json")),
+    "max_cache_size": size,
+    "upload_timeout": positive,
+    "access_log": lambda n, v: choice(n, v, ("on", "off", "plain", "json")),
+    "log_format": lambda n, v: choice(n, v, ("plain", "json")),
     "tls_cert": lambda _n, v: str(Path(str(v)).expanduser()) if v else "",
     "tls_key": lambda _n, v: str(Path(str(v)).expanduser()) if v else "",
-    "header_timeout": _above_zero,
-    "metrics_listen": lambda n, v: _listen(n, v) if v else "",
-    "max_layer_size": _size,
-    "access_ttl": _positive,
-    "upstream_deadline": _positive,
-    "scrub_rate": _size,
-    "redis_url": lambda n, v: _redis_url(n, v),
-    "storage": lambda n, v: _storage(n, v),
-    "redirect": _bool,
-    "hot_cache_size": _size,
-    "fill_lease": _above_zero,
-    "tag_cache_entries": _at_least_one,
-    "negative_cache_entries": _at_least_one,
-    "manifest_cache_bytes": _size,
-    "token_cache_entries": _at_least_one,
-    "link_cache_entries": _at_least_one,
+    "header_timeout": above_zero,
+    "metrics_listen": lambda n, v: listen(n, v) if v else "",
+    "max_layer_size": size,
+    "access_ttl": positive,
+    "upstream_deadline": positive,
+    "scrub_rate": size,
+    "redis_url": lambda n, v: redis_url(n, v),
+    "storage": lambda n, v: storage(n, v),
+    "redirect": boolean,
+    "hot_cache_size": size,
+    "fill_lease": above_zero,
+    "tag_cache_entries": at_least_one,
+    "negative_cache_entries": at_least_one,
+    "manifest_cache_bytes": size,
+    "token_cache_entries": at_least_one,
+    "link_cache_entries": at_least_one,
+    "audit_log": lambda _n, v: "-" if str(v) == "-" else str(Path(str(v)).expanduser()) if v
+    else "",
+    "admin_token": lambda _n, v: str(v),
+    "ratelimit_reserve": _reserve,
 }
-
-
-STORAGE_KEYS = ("url", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                "AWS_REGION")
-
-
-def _storage(name: str, value: Any) -> Any:
-    """A URL (flag, environment, file), or the settings file's `[storage]` table."""
-    if isinstance(value, dict):
-        unknown = set(value) - set(STORAGE_KEYS)
-        if unknown:
-            raise SettingsError(f"{name}: unknown key(s) {sorted(unknown)} in [storage]; "
-                                f"expected {', '.join(STORAGE_KEYS)}")
-        table = {k: str(v) for k, v in value.items()}
-        _storage(name, table.get("url", ""))
-        return table
-    text = str(value or "")
-    if text and not (text.startswith("s3://") and urlsplit(text).netloc):
-        raise SettingsError(f"{name}: expected s3://BUCKET[/PREFIX], got {text!r}")
-    return text
-
-
-def _redis_url(name: str, value: Any) -> str:
-    text = str(value or "")
-    if text and urlsplit(text).scheme not in ("redis", "rediss", "unix"):
-        raise SettingsError(f"{name}: expected redis://HOST:PORT[/DB], got {text!r}")
-    return text
 
 
 def load(flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> Settings:
@@ -371,7 +314,7 @@ def load(flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None =
     if config:
         data = _read_toml(Path(config))
         if isinstance(data.get("storage"), dict):  # [storage]: url and the AWS_* keys
-            table = _storage("storage", data["storage"])
+            table = storage("storage", data["storage"])
             assert isinstance(table, dict)
             options = {k: v for k, v in table.items() if k != "url"}
             data["storage"] = table.get("url", "")

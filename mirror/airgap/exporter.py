@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from mirror import errors, imageref, oci
+from mirror import errors, imageref, oci, policy
 from mirror.airgap import layout
 from mirror.airgap.progress import Progress, human_bytes, human_duration
 from mirror.imageref import ImageRef
@@ -88,6 +88,7 @@ class Exporter:
     def __init__(self, store: Store, upstreams: Sequence[Upstream]) -> None:
         self.store = store
         self.upstreams = upstreams
+        self.policies = policy.policies(upstreams)
 
     def read(self, digest: str) -> bytes | None:
         parsed = _digest(digest)
@@ -148,6 +149,10 @@ class Exporter:
         return await self.entry(ref, Descriptor(media_type, digest, -1))
 
     async def entry(self, ref: ImageRef, root: Descriptor) -> Entry:
+        try:
+            policy.check(self.policies, ref.upstream, ref.repo)
+        except policy.Refused as exc:
+            raise ExportError(f"{ref}: {exc.message}") from None
         parsed = _digest(root.digest)
         size = self.store.size(parsed) if parsed else None
         if parsed is None or size is None:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from mirror import errors, oci
+from mirror import errors, oci, policy
 from mirror.access import MANIFEST_ACCEPT
 from mirror.airgap.progress import Progress, Task, human_bytes, human_duration
 from mirror.identity import ANONYMOUS_CALLER
@@ -54,6 +54,7 @@ class Seeder:
         self.progress = progress
         self.platforms = list(platforms)
         self.pin = pin
+        self.policies = policy.policies(services.settings.upstreams)
         self._images = asyncio.Semaphore(IMAGES_AT_ONCE)
         self._blobs = asyncio.Semaphore(BLOBS_AT_ONCE)
 
@@ -85,6 +86,7 @@ class Seeder:
 
     async def _seed(self, ref: ImageRef, outcome: Outcome, task: Task) -> None:
         services = self.services
+        policy.check(self.policies, ref.upstream, ref.repo)  # refused: nothing is fetched
         client = services.clients[ref.upstream]
         if ref.digest is not None:
             root_digest = parse_digest(ref.digest)

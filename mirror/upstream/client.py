@@ -15,7 +15,7 @@ from typing import Protocol, TypeVar
 
 import httpx
 
-from mirror import errors
+from mirror import errors, ratelimit
 from mirror.metrics import Metrics
 from mirror.settings import Settings, Upstream
 from mirror.upstream.download import Body, Downloader
@@ -69,6 +69,8 @@ class UpstreamClient:
                       if upstream.username else None)
         # Learnt from the first 401: lets later requests carry a token at once.
         self.challenge: Challenge | None = None
+        self.ratelimit = ratelimit.RateLimit.of(self.name, upstream.ratelimit_reserve,
+                                                settings.ratelimit_reserve, metrics)
 
     async def aclose(self) -> None:
         await self.http.aclose()
@@ -229,6 +231,7 @@ class UpstreamClient:
                     f"upstream {self.name} ({self.upstream.url}) unreachable: "
                     f"{type(exc).__name__}: {exc}") from exc
             self._observe(str(response.status_code), started)
+            self.ratelimit.observe(response.headers)
             location = response.headers.get("location")
             if response.status_code not in REDIRECTS or not location:
                 return response

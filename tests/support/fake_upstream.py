@@ -38,6 +38,10 @@ class FakeUpstream:
     redirect_blobs: bool = False  # 307 blob GETs to a "CDN" on another host name
     require_token: bool = True
     status_override: dict[str, tuple[int, dict[str, str]]] = field(default_factory=dict)
+    # Docker Hub's pull budget: (limit, remaining), sent on manifest answers as RateLimit-*
+    # headers; a manifest GET spends one pull, a HEAD none. None: no such headers.
+    ratelimit: tuple[int, int] | None = None
+    ratelimit_window: int = 21600
     seen: list[Seen] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -149,5 +153,16 @@ class FakeUpstream:
         media_type, data = found
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         headers = {"Docker-Content-Digest": digest, "Content-Type": media_type,
-                   "Content-Length": str(len(data))}
+                   "Content-Length": str(len(data)), **self._ratelimit(request.method)}
         return Response(b"" if request.method == "HEAD" else data, headers=headers)
+
+    def _ratelimit(self, method: str) -> dict[str, str]:
+        if self.ratelimit is None:
+            return {}
+        limit, remaining = self.ratelimit
+        if method == "GET":
+            remaining = max(remaining - 1, 0)
+            self.ratelimit = (limit, remaining)
+        window = self.ratelimit_window
+        return {"RateLimit-Limit": f"{limit};w={window}",
+                "RateLimit-Remaining": f"{remaining};w={window}"}
