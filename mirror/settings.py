@@ -119,6 +119,8 @@ class Settings:
     manifest_cache_bytes: int = 64 * 2**20
     token_cache_entries: int = 10_000
     link_cache_entries: int = 100_000
+    # The cache browser: web pages under /ui/ (off: they answer 404).
+    ui: bool = True
 
     @property
     def default_upstream(self) -> Upstream:
@@ -311,6 +313,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "manifest_cache_bytes": _size,
     "token_cache_entries": _at_least_one,
     "link_cache_entries": _at_least_one,
+    "ui": _bool,
 }
 
 
