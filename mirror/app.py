@@ -23,6 +23,7 @@ from mirror.routes_listing import ListingHandlers
 from mirror.routes_push import PushHandlers
 from mirror.scrub import Scrubber
 from mirror.settings import RESOLVED_ENV, Settings
+from mirror.ui import Browser, PullCounter
 from mirror.uploads import Uploads
 
 log = logging.getLogger("mirror")
@@ -55,6 +56,7 @@ def create_app(settings: Settings) -> Starlette:
                       local_budget=settings.hot_cache_size if store.remote else None)
     store.on_commit = evictor.committed
     scrubber = Scrubber(store, settings.scrub_rate)
+    browser = Browser(parts, metrics, lambda: evictor.budget) if settings.ui else None
 
     async def prune_grants() -> None:
         """Grants of single tokens are no use once expired: drop them (bounded table)."""
@@ -73,6 +75,8 @@ def create_app(settings: Settings) -> Starlette:
                       asyncio.create_task(scrubber.run(), name="scrub"),
                       asyncio.create_task(prune_grants(), name="grants"),
                       asyncio.create_task(uploads.run(clients), name="uploads")]
+        if browser is not None:
+            background.append(asyncio.create_task(browser.run(), name="ui"))
         yield
         access_log.flush()
         for task in background:
@@ -83,7 +87,8 @@ def create_app(settings: Settings) -> Starlette:
 
     app = Starlette(
         routes=health.routes(with_metrics=not settings.metrics_listen)
-        + internal + ListingHandlers(handlers).routes() + pushes.routes() + handlers.routes(),
+        + internal + ListingHandlers(handlers).routes() + pushes.routes() + handlers.routes()
+        + (browser.routes() if browser is not None else []),
         exception_handlers={
             errors.RegistryError: handlers.on_registry_error,
             HTTPException: handlers.on_http_error,
@@ -91,6 +96,8 @@ def create_app(settings: Settings) -> Starlette:
         },
         lifespan=lifespan,
     )
+    if browser is not None:
+        app.add_middleware(PullCounter, pulls=browser.pulls)
     app.add_middleware(Observe, metrics=metrics, access=access_log,
                        log_format=settings.access_format)
     app.state.metrics = metrics
