@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, multiprocess
+from prometheus_client.metrics_core import Metric
 
 from mirror.fills import Fills
 from mirror.metrics import MULTIPROC_ENV, Metrics
@@ -63,16 +64,20 @@ class Counts:
 
 def read_counts(metrics: Metrics) -> Counts:
     """The counters since start, summed over workers when they share a directory."""
-    registry = metrics.registry
+    families: Iterable[Metric]
     if os.environ.get(MULTIPROC_ENV):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        families = registry.collect()
+    else:  # only the three counters read here (the histograms have many samples)
+        families = [*metrics.lookups.collect(), *metrics.served_bytes.collect(),
+                    *metrics.upstream_bytes.collect()]
     totals: dict[str, float] = {}
 
     def add(name: str, value: float) -> None:
         totals[name] = totals.get(name, 0.0) + value
 
-    for family in registry.collect():
+    for family in families:
         for sample in family.samples:
             labels = sample.labels
             if sample.name == "mirror_cache_lookups_total":

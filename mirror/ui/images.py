@@ -23,7 +23,7 @@ import cachetools
 from mirror import oci
 from mirror.errors import DigestInvalid
 from mirror.metadata import Metadata
-from mirror.reference import parse_digest
+from mirror.reference import Digest, parse_digest
 from mirror.store import Store
 
 MAX_DOCUMENT = oci.MAX_MANIFEST  # larger manifests are not shown (registries refuse them)
@@ -153,10 +153,7 @@ class Images:
             parsed = parse_digest(digest)
         except DigestInvalid:
             return None
-        record = await self.metadata.content(digest)
-        if record is None or record.size > limit:
-            return None
-        data = await self.store.read(parsed)
+        data = await self._read(parsed, limit)
         if data is None:
             return None
         try:
@@ -165,6 +162,21 @@ class Images:
             return None
         self._documents[digest] = (doc, len(data))
         return doc
+
+    async def _read(self, digest: Digest, limit: int) -> bytes | None:
+        """Committed content of at most `limit` bytes, checked against its record (a
+        descriptor may name anything as a config: nothing large is read)."""
+        opened = await self.store.open(digest)
+        if opened is None:
+            if self.store.remote is None:
+                return None
+            record = await self.metadata.content(str(digest))  # in the object store only
+            return await self.store.read(digest) if record and record.size <= limit else None
+        fd, size = opened
+        try:
+            return os.pread(fd, size, 0) if size <= limit else None
+        finally:
+            os.close(fd)
 
     async def config_of(self, manifest: Mapping[str, Any]) -> dict[str, Any] | None:
         config = _mapping(manifest.get("config"))
@@ -209,12 +221,14 @@ class Images:
             return None, False
         names = (await self.metadata.children(digest) or [])[:MAX_CHILDREN]
         if doc is not None and oci.is_index(doc, media_type):
-            nested = await asyncio.gather(*(self.metadata.children(d) for d in names))
-            names += [d for kids in nested for d in (kids or [])[:MAX_CHILDREN]]
-        wanted = sorted(set(names) - {digest})
-        records = await asyncio.gather(*(self.metadata.content(d) for d in wanted))
-        total = root.size + sum(r.size for r in records if r is not None)
-        return total, all(r is not None for r in records)
+            for child in list(names):
+                names += (await self.metadata.children(child) or [])[:MAX_CHILDREN]
+        total, complete = root.size, True
+        for name in sorted(set(names) - {digest}):  # one at a time: rows run side by side
+            record = await self.metadata.content(name)
+            total += record.size if record is not None else 0
+            complete = complete and record is not None
+        return total, complete
 
     # -- an image's page -------------------------------------------------------------------
 

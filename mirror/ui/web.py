@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 import jinja2
+from markupsafe import Markup
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.templating import Jinja2Templates
@@ -73,6 +74,13 @@ def when(value: float | None) -> str:
     return datetime.datetime.fromtimestamp(value, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+def time_tag(value: float | None) -> Markup:
+    """A time as `<time>`, machine-readable too; "—" when there is none."""
+    if value is None:
+        return Markup("—")
+    return Markup('<time datetime="{}">{}</time>').format(iso(value), when(value))
+
+
 def short_digest(digest: str) -> str:
     algorithm, _, hex_part = digest.partition(":")
     return f"{algorithm}:{hex_part[:12]}" if hex_part else digest
@@ -104,7 +112,7 @@ class Web:
             loader=jinja2.PackageLoader("mirror.ui", "templates"), autoescape=True,
             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
         env.globals.update(asset=self.asset_url, path_to=path_to, with_query=with_query)
-        env.filters.update(bytes=human_bytes, percent=percent, iso=iso, when=when,
+        env.filters.update(bytes=human_bytes, percent=percent, time=time_tag,
                            short=short_digest, type_name=type_name)
         self.templates = Jinja2Templates(env=env)
 
