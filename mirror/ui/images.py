@@ -216,14 +216,19 @@ class Images:
                            media_type: str) -> tuple[int | None, bool]:
         """Bytes of the cached content of the image and what it names (an index: its
         manifests and theirs), from content records and recorded children."""
-        root = await self.metadata.content(digest)
-        if root is None:
-            return None, False
+        kept = self._documents.get(digest)  # read just now, checked against its record
+        if kept is not None:
+            root_size = kept[1]
+        else:
+            root = await self.metadata.content(digest)
+            if root is None:
+                return None, False
+            root_size = root.size
         names = (await self.metadata.children(digest) or [])[:MAX_CHILDREN]
         if doc is not None and oci.is_index(doc, media_type):
             for child in list(names):
                 names += (await self.metadata.children(child) or [])[:MAX_CHILDREN]
-        total, complete = root.size, True
+        total, complete = root_size, True
         for name in sorted(set(names) - {digest}):  # one at a time: rows run side by side
             record = await self.metadata.content(name)
             total += record.size if record is not None else 0
