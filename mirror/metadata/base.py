@@ -140,6 +140,11 @@ class Metadata(abc.ABC):
     async def content(self, digest: str) -> ContentRecord | None: ...
 
     @abc.abstractmethod
+    async def contents(self, digests: Sequence[str]) -> dict[str, ContentRecord]:
+        """The records of several digests at once (at most `PAGE`), keyed by digest;
+        digests without one are left out."""
+
+    @abc.abstractmethod
     async def drop_content(self, digests: Iterable[str]) -> int:
         """Content removed (evicted, damaged, collected); returns the bytes it held."""
 

@@ -566,6 +566,10 @@ class RedisMetadata(Metadata):
             return None
         return ContentRecord(digest, int(size), float(used))
 
+    async def contents(self, digests: Sequence[str]) -> dict[str, ContentRecord]:
+        wanted = list(dict.fromkeys(digests))[:PAGE]
+        return {r.digest: r for r in await self._records(wanted)} if wanted else {}
+
     @guarded
     async def drop_content(self, digests: Iterable[str]) -> int:
         freed = 0

@@ -282,6 +282,15 @@ class SqliteMetadata(Metadata):
         row = self._one("SELECT size, used FROM content WHERE digest = ?", (digest,))
         return None if row is None else ContentRecord(digest, int(row[0]), float(row[1]))
 
+    async def contents(self, digests: Sequence[str]) -> dict[str, ContentRecord]:
+        wanted = list(dict.fromkeys(digests))[:PAGE]
+        if not wanted:
+            return {}
+        marks = ", ".join("?" * len(wanted))
+        rows = self._all(f"SELECT digest, size, used FROM content WHERE digest IN ({marks})",
+                         tuple(wanted))
+        return {r[0]: ContentRecord(r[0], int(r[1]), float(r[2])) for r in rows}
+
     async def drop_content(self, digests: Iterable[str]) -> int:
         wanted = list(digests)
 

@@ -335,6 +335,16 @@ async def test_content_add_drop_and_totals(meta: Metadata) -> None:
     assert await meta.totals() == (150, 2)
 
 
+async def test_contents_reads_several_records_at_once(meta: Metadata) -> None:
+    await meta.add_content(D1, 10, "docker.io", 100.0)
+    await meta.add_content(D2, 20, None, 200.0)
+    assert await meta.contents([D1, D3, D2, D1]) == {
+        D1: ContentRecord(D1, 10, 100.0), D2: ContentRecord(D2, 20, 200.0)}
+    assert await meta.contents([]) == {}
+    await meta.drop_content([D1])
+    assert await meta.contents([D1, D2]) == {D2: ContentRecord(D2, 20, 200.0)}
+
+
 async def test_large_sizes_are_exact(meta: Metadata) -> None:
     big = 3 * 10**15 + 7  # past what a double's short text form keeps
     assert await meta.add_content(D1, big, None, 1.0)
