@@ -10,10 +10,9 @@ arrive, are evicted), so they are kept a minute only.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -22,8 +21,8 @@ import cachetools
 
 from mirror import oci
 from mirror.errors import DigestInvalid
-from mirror.metadata import Metadata
-from mirror.reference import Digest, parse_digest
+from mirror.metadata import PAGE, ContentRecord, Metadata
+from mirror.reference import parse_digest
 from mirror.store import Store
 
 MAX_DOCUMENT = oci.MAX_MANIFEST  # larger manifests are not shown (registries refuse them)
@@ -31,7 +30,6 @@ MAX_CONFIG = 1 << 20  # a config this large is not read for its labels
 MAX_CHILDREN = 256  # an index's platforms (and a manifest's layers) looked at, at most
 DOCUMENT_BYTES = 16 << 20  # parsed documents kept, counted by their size
 SIZE_ENTRIES, SIZE_TTL = 20_000, 60.0
-CONCURRENCY = 16  # reads in flight for one page
 
 # The standard annotations (and labels) a page shows, with the length each is cut to.
 FIELDS: tuple[tuple[str, str, int], ...] = (
@@ -139,69 +137,130 @@ class Images:
             cachetools.LRUCache(DOCUMENT_BYTES, getsizeof=lambda entry: entry[1])
         self._summaries: cachetools.TTLCache[str, Summary] = cachetools.TTLCache(
             SIZE_ENTRIES, SIZE_TTL)
-        self._limit = asyncio.Semaphore(CONCURRENCY)
 
-    # -- documents -------------------------------------------------------------------------
+    # -- records and documents -------------------------------------------------------------
+
+    async def records(self, digests: Iterable[str]) -> dict[str, ContentRecord]:
+        """Content records, a page of digests per metadata read."""
+        wanted = list(dict.fromkeys(digests))
+        found: dict[str, ContentRecord] = {}
+        for start in range(0, len(wanted), PAGE):
+            found.update(await self.metadata.contents(wanted[start:start + PAGE]))
+        return found
+
+    async def last_used(self, digests: Iterable[str]) -> dict[str, float]:
+        """Last uses: this process's newest (not yet written) first, else the records'."""
+        wanted = list(digests)
+        pending = self.store.recency.pending
+        found = {d: pending[d] for d in wanted if d in pending}
+        records = await self.records(d for d in wanted if d not in found)
+        return {**{d: r.used for d, r in records.items()}, **found}
+
+    async def documents(self, wanted: Mapping[str, int]) -> dict[str, dict[str, Any]]:
+        """Cached JSON documents (manifests, indexes, configs), parsed, by digest; `wanted`
+        gives each digest's size limit. Those not cached, too large or not JSON objects
+        are left out."""
+        found: dict[str, dict[str, Any]] = {}
+        for digest in wanted:
+            kept = self._documents.get(digest)
+            if kept is not None:
+                found[digest] = kept[0]
+        records = await self.records(d for d in wanted if d not in found)
+        for digest, record in records.items():
+            if record.size > wanted[digest]:
+                continue  # a descriptor may name anything as a config: nothing large is read
+            data = await self._read(digest, record.size)
+            if data is None:
+                continue
+            try:
+                doc = oci.load(data)
+            except oci.ManifestError:
+                continue
+            self._documents[digest] = (doc, len(data))
+            found[digest] = doc
+        return found
 
     async def document(self, digest: str, limit: int = MAX_DOCUMENT) -> dict[str, Any] | None:
-        """A cached JSON document (manifest, index, config), parsed; None if not cached,
-        too large or not a JSON object."""
-        kept = self._documents.get(digest)
-        if kept is not None:
-            return kept[0]
+        return (await self.documents({digest: limit})).get(digest)
+
+    async def _read(self, digest: str, size: int) -> bytes | None:
+        """The committed bytes of `digest`, when they have the length its record verified
+        (a file that does not is left for the next pull to replace)."""
         try:
             parsed = parse_digest(digest)
         except DigestInvalid:
             return None
-        data = await self._read(parsed, limit)
-        if data is None:
-            return None
         try:
-            doc = oci.load(data)
-        except oci.ManifestError:
-            return None
-        self._documents[digest] = (doc, len(data))
-        return doc
+            with open(self.store.path(parsed), "rb") as file:
+                data = file.read(size + 1)
+        except FileNotFoundError:
+            return await self.store.read(parsed) if self.store.remote is not None else None
+        return data if len(data) == size else None
 
-    async def _read(self, digest: Digest, limit: int) -> bytes | None:
-        """Committed content of at most `limit` bytes, checked against its record (a
-        descriptor may name anything as a config: nothing large is read)."""
-        opened = await self.store.open(digest)
-        if opened is None:
-            if self.store.remote is None:
-                return None
-            record = await self.metadata.content(str(digest))  # in the object store only
-            return await self.store.read(digest) if record and record.size <= limit else None
-        fd, size = opened
-        try:
-            return os.pread(fd, size, 0) if size <= limit else None
-        finally:
-            os.close(fd)
+    @staticmethod
+    def _config_digest(doc: Mapping[str, Any] | None) -> str | None:
+        config = _mapping(doc.get("config")) if doc is not None else None
+        digest = config.get("digest") if config is not None else None
+        return digest if isinstance(digest, str) else None
 
-    async def config_of(self, manifest: Mapping[str, Any]) -> dict[str, Any] | None:
-        config = _mapping(manifest.get("config"))
-        digest = config.get("digest") if config else None
-        return await self.document(digest, MAX_CONFIG) if isinstance(digest, str) else None
+    async def config_of(self, manifest: Mapping[str, Any] | None) -> dict[str, Any] | None:
+        digest = self._config_digest(manifest)
+        return await self.document(digest, MAX_CONFIG) if digest is not None else None
 
-    # -- a row of the tag table ------------------------------------------------------------
+    # -- rows of the tag table -------------------------------------------------------------
+
+    async def summaries(self, images: Sequence[tuple[str, str]]) -> list[Summary]:
+        """Summaries of (digest, media type) pairs, read together: a few metadata reads for
+        a whole page, whatever it holds."""
+        todo = {d: t for d, t in images if d not in self._summaries}
+        if todo:
+            roots = await self.documents(dict.fromkeys(todo, MAX_DOCUMENT))
+            second: dict[str, int] = {}  # an index's manifests, an image's config
+            for digest, doc in roots.items():
+                if oci.is_index(doc, todo[digest]):
+                    second.update(dict.fromkeys(_named(doc, "manifests"), MAX_DOCUMENT))
+                elif (config := self._config_digest(doc)) is not None:
+                    second[config] = MAX_CONFIG
+            inner = await self.documents(second)
+            closures = {d: self._closure(d, roots.get(d), t, inner) for d, t in todo.items()}
+            records = await self.records(n for names in closures.values() for n in names)
+            for digest, media_type in todo.items():
+                self._summaries[digest] = self._summary(
+                    digest, roots.get(digest), media_type, inner, closures[digest], records)
+        return [self._summaries[d] for d, _ in images]
 
     async def summary(self, digest: str, media_type: str) -> Summary:
-        kept = self._summaries.get(digest)
-        if kept is not None:
-            return kept
-        async with self._limit:
-            doc = await self.document(digest)
-            platforms: tuple[str, ...] = ()
-            if doc is not None and oci.is_index(doc, media_type):
-                platforms = tuple(self._index_platforms(doc))
-            elif doc is not None:
-                config = await self.config_of(doc)
-                platform = platform_of(config)
-                platforms = (platform,) if platform else ()
-            size, complete = await self.closure_size(digest, doc, media_type)
-        summary = Summary(platforms, size, complete)
-        self._summaries[digest] = summary
-        return summary
+        return (await self.summaries([(digest, media_type)]))[0]
+
+    def _closure(self, digest: str, doc: dict[str, Any] | None, media_type: str,
+                 inner: Mapping[str, dict[str, Any]]) -> list[str]:
+        """The image and what it names: an index's manifests and what they name."""
+        names = [digest]
+        if doc is None:
+            return names
+        named = _named(doc)
+        names += named
+        if oci.is_index(doc, media_type):
+            for child in named:
+                child_doc = inner.get(child)
+                names += _named(child_doc) if child_doc is not None else []
+        return names
+
+    def _summary(self, digest: str, doc: dict[str, Any] | None, media_type: str,
+                 inner: Mapping[str, dict[str, Any]], closure: list[str],
+                 records: Mapping[str, ContentRecord]) -> Summary:
+        platforms: tuple[str, ...] = ()
+        if doc is not None and oci.is_index(doc, media_type):
+            platforms = tuple(self._index_platforms(doc))
+        elif doc is not None:
+            config = self._config_digest(doc)
+            platform = platform_of(inner.get(config)) if config is not None else ""
+            platforms = (platform,) if platform else ()
+        if digest not in records:
+            return Summary(platforms, None, False)
+        names = set(closure)
+        total = sum(records[n].size for n in names if n in records)
+        return Summary(platforms, total, names <= records.keys())
 
     @staticmethod
     def _index_platforms(doc: Mapping[str, Any]) -> list[str]:
@@ -212,29 +271,6 @@ class Images:
                 names.append(name)
         return names
 
-    async def closure_size(self, digest: str, doc: dict[str, Any] | None,
-                           media_type: str) -> tuple[int | None, bool]:
-        """Bytes of the cached content of the image and what it names (an index: its
-        manifests and theirs), from content records and recorded children."""
-        kept = self._documents.get(digest)  # read just now, checked against its record
-        if kept is not None:
-            root_size = kept[1]
-        else:
-            root = await self.metadata.content(digest)
-            if root is None:
-                return None, False
-            root_size = root.size
-        names = (await self.metadata.children(digest) or [])[:MAX_CHILDREN]
-        if doc is not None and oci.is_index(doc, media_type):
-            for child in list(names):
-                names += (await self.metadata.children(child) or [])[:MAX_CHILDREN]
-        total, complete = root_size, True
-        for name in sorted(set(names) - {digest}):  # one at a time: rows run side by side
-            record = await self.metadata.content(name)
-            total += record.size if record is not None else 0
-            complete = complete and record is not None
-        return total, complete
-
     # -- an image's page -------------------------------------------------------------------
 
     async def details(self, digest: str, media_type: str) -> Details:
@@ -243,7 +279,7 @@ class Images:
         details = Details(digest, media_type, doc is not None)
         details.summary = await self.summary(digest, media_type)
         details.pinned = await self.metadata.pinned(digest)
-        details.used = await self.store.recency.last_used(digest)
+        details.used = (await self.last_used([digest])).get(digest)
         details.fetched = self._stored_at(digest)
         if doc is None:
             return details
@@ -270,11 +306,11 @@ class Images:
     async def _parts(self, value: object, with_platform: bool = False) -> list[Part]:
         entries = [e for e in (value if isinstance(value, list) else [])[:MAX_CHILDREN]
                    if isinstance(e, dict) and isinstance(e.get("digest"), str)]
-        records = await asyncio.gather(*(self.metadata.content(e["digest"]) for e in entries))
+        records = await self.records(e["digest"] for e in entries)
         return [Part(e["digest"], str(e.get("mediaType") or ""),
-                     e["size"] if isinstance(e.get("size"), int) else -1, r is not None,
+                     e["size"] if isinstance(e.get("size"), int) else -1, e["digest"] in records,
                      platform_of(e.get("platform")) if with_platform else "")
-                for e, r in zip(entries, records, strict=True)]
+                for e in entries]
 
     @staticmethod
     def _main_child(platforms: list[Part]) -> Part | None:
@@ -293,3 +329,15 @@ class Images:
 def _labels(config: Mapping[str, Any] | None) -> dict[str, Any] | None:
     inner = _mapping(config.get("config")) if config is not None else None
     return _mapping(inner.get("Labels")) if inner is not None else None
+
+
+def _named(doc: Mapping[str, Any], *keys: str) -> list[str]:
+    """The digests a document's descriptors name (`keys`: config, layers, manifests by
+    default), at most MAX_CHILDREN of each kind."""
+    found: list[str] = []
+    for key in keys or ("config", "layers", "manifests"):
+        value = doc.get(key)
+        items = [value] if isinstance(value, dict) else value if isinstance(value, list) else []
+        found += [item["digest"] for item in items[:MAX_CHILDREN]
+                  if isinstance(item, dict) and isinstance(item.get("digest"), str)]
+    return found

@@ -18,7 +18,6 @@ Every page reads the metadata through its interface, a page at a time (keyset cu
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 from collections.abc import Awaitable, Callable, Mapping
@@ -287,13 +286,11 @@ class Pages:
         if not await self.visitors.may_see_repo(client, repo, caller, hint):
             raise NotShown
         more, records = len(records) > n, records[:n]
-        summaries = await asyncio.gather(
-            *(self.images.summary(r.digest, r.media_type) for r in records))
-        used = await asyncio.gather(
-            *(self.store.recency.last_used(r.digest) for r in records))
+        summaries = await self.images.summaries([(r.digest, r.media_type) for r in records])
+        used = await self.images.last_used(r.digest for r in records)
         pulls = await self.metadata.pulls(client.name, repo, [r.tag for r in records])
-        rows = [Row(r, s.platforms, s.size, s.complete, u, pulls.get(r.tag, 0))
-                for r, s, u in zip(records, summaries, used, strict=True)]
+        rows = [Row(r, s.platforms, s.size, s.complete, used.get(r.digest), pulls.get(r.tag, 0))
+                for r, s in zip(records, summaries, strict=True)]
         return self.web.page(request, "repository.html", self._context(
             request, visitor, upstream=client.name, repo=repo, rows=rows, after=after, n=n,
             next_after=records[-1].tag if more and records else None))

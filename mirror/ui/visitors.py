@@ -140,8 +140,10 @@ class Visitors:
 
     async def listed(self, client: UpstreamClient, repo: str, caller: Caller) -> bool:
         """Proven readable by the caller, or public (as the catalog lists names)."""
-        return (await self.access.granted(client, repo, caller, lasting=True)
-                or await self.access.granted(client, repo, ANONYMOUS_CALLER, lasting=True))
+        if await self.access.granted(client, repo, caller, lasting=True):
+            return True
+        return caller.identity != ANONYMOUS_CALLER.identity and await self.access.granted(
+            client, repo, ANONYMOUS_CALLER, lasting=True)
 
     async def prove(self, client: UpstreamClient, repo: str, caller: Caller,
                     digest: str) -> bool:
