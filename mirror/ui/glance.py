@@ -158,7 +158,10 @@ class Today:
     async def run(self) -> None:
         """Take each day's snapshot when the day starts (and now, at start-up)."""
         while True:
-            self.base()
+            try:
+                self.base()
+            except Exception:  # the page computes it again when asked
+                log.exception("cannot take today's snapshot of the counters")
             await asyncio.sleep(min(seconds_to_midnight() + 1.0, 3600.0))
 
 

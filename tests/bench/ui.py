@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import hashlib
 import json
+import os
 import random
 import statistics
 import sys
@@ -203,7 +204,9 @@ def main() -> int:
             plan = pages(args.requests, args.tags, args.repos, rng, digest_of)
             results = {name: timed(client, paths) for name, paths in plan.items()}
         kind = "redis" if args.redis else "sqlite"
-        print(f"\n{args.tags} tags, metadata in {kind}, {args.requests} requests per page")
+        load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+        print(f"\n{args.tags} tags, metadata in {kind}, {args.requests} requests per page; "
+              f"{os.cpu_count()} CPUs, load average {load}")
         return 0 if report(results) else 1
 
 

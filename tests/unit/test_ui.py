@@ -9,6 +9,7 @@ import hashlib
 import json
 import re
 import time
+import tomllib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -362,3 +363,13 @@ async def test_the_background_task_writes_counts_when_stopped(tmp_path: Path) ->
         assert await metadata.pulls("docker.io", "r", ["t"]) == {"t": 1}
     finally:
         metadata.close_sync()
+
+
+def test_templates_and_static_files_are_packaged() -> None:
+    """Every template and static file is in the package data a wheel carries."""
+    root = Path(__file__).resolve().parents[2]
+    data = tomllib.loads((root / "pyproject.toml").read_text())
+    globs = data["tool"]["setuptools"]["package-data"]["mirror.ui"]
+    ui = root / "mirror" / "ui"
+    files = [p.relative_to(ui) for d in ("templates", "static") for p in (ui / d).iterdir()]
+    assert files and all(any(f.match(g) for g in globs) for f in files), files
