@@ -4,8 +4,9 @@
 - A visitor is anonymous, or signed in with HTTP Basic (`/ui/login` asks for it): their
   credentials map to the same identity as a pull with them (`Identities.of_basic`), at each
   upstream that takes client credentials; at the others they are anonymous. Credentials
-  are checked at the upstream's realm once per identity and process (`VERIFIED_TTL`), as
-  `docker login` checks them, and never stored.
+  are checked at the upstream's realm, as `docker login` checks them, once per identity and
+  process every `VERIFIED_TTL` seconds (refusals too: a wrong password is not sent again
+  and again), and never stored.
 - A repository is shown when the visitor's identity has a grant for it, of any age, or an
   anonymous probe proved it public (as `/v2/_catalog` lists names). For a signed-in visitor
   a repository it has not proven yet is proven as a pull would: an upstream HEAD of one of
@@ -33,7 +34,7 @@ from mirror.identity import ANONYMOUS_CALLER, Caller, Identities, auth_user
 from mirror.reference import parse_digest
 from mirror.upstream import UpstreamClient
 
-VERIFIED_TTL = 300.0  # seconds a checked login counts in this process before a new check
+VERIFIED_TTL = 300.0  # seconds a login's check (accepted or refused) counts in a process
 MEMO_ENTRIES = 10_000
 PROBES = 8  # upstream HEADs one listing page may make for a signed-in visitor, at most
 PROBE_TIMEOUT = 10.0  # seconds a listing waits for them; unfinished ones show nothing
@@ -125,11 +126,13 @@ class Visitors:
         if basic is None:
             return "refused"
         identity = identities.of_basic(client.name, basic)
-        if self._verified.get(identity):
-            return "ok"
+        known = self._verified.get(identity)
+        if known is not None:  # these very credentials were checked a moment ago
+            return "ok" if known else "refused"
         try:
             await self.tokens.issue(client.name, [], basic)
         except (errors.Unauthorized, errors.Denied):
+            self._verified[identity] = False
             return "refused"
         except (errors.RegistryError, httpx.HTTPError):  # an outage, or a broken realm
             return "unreachable"
