@@ -26,6 +26,7 @@ from mirror.routes_listing import ListingHandlers
 from mirror.routes_push import PushHandlers
 from mirror.scrub import Scrubber
 from mirror.settings import RESOLVED_ENV, Settings
+from mirror.ui import Browser, PullCounter
 from mirror.uploads import Uploads
 
 log = logging.getLogger("mirror")
@@ -62,6 +63,7 @@ def create_app(settings: Settings) -> Starlette:
     admin: list[Route] = []
     if settings.admin_token:
         admin = AdminHandlers(settings.admin_token, parts, evictor, metrics).routes()
+    browser = Browser(parts, metrics, lambda: evictor.budget) if settings.ui else None
 
     async def prune_grants() -> None:
         """Grants of single tokens are no use once expired: drop them (bounded table)."""
@@ -83,6 +85,8 @@ def create_app(settings: Settings) -> Starlette:
                       asyncio.create_task(scrubber.run(), name="scrub"),
                       asyncio.create_task(prune_grants(), name="grants"),
                       asyncio.create_task(uploads.run(clients), name="uploads")]
+        if browser is not None:
+            background.append(asyncio.create_task(browser.run(), name="ui"))
         yield
         access_log.flush()
         if audit is not None:
@@ -97,7 +101,7 @@ def create_app(settings: Settings) -> Starlette:
     app = Starlette(
         routes=health.routes(with_metrics=not settings.metrics_listen)
         + internal + admin + ListingHandlers(handlers).routes() + pushes.routes()
-        + handlers.routes(),
+        + handlers.routes() + (browser.routes() if browser is not None else []),
         exception_handlers={
             errors.RegistryError: handlers.on_registry_error,
             HTTPException: handlers.on_http_error,
@@ -105,6 +109,8 @@ def create_app(settings: Settings) -> Starlette:
         },
         lifespan=lifespan,
     )
+    if browser is not None:
+        app.add_middleware(PullCounter, pulls=browser.pulls)
     app.add_middleware(Observe, metrics=metrics, access=access_log,
                        log_format=settings.access_format, audit=audit)
     app.state.metrics = metrics

@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="answer cached blob GETs with a 307 to the object store")
     serve.add_argument("--offline", action="store_true", default=None,
                        help="serve only from the cache; never contact an upstream")
+    serve.add_argument("--no-ui", dest="ui", action="store_false", default=None,
+                       help="turn off the cache browser (the web pages under /ui/)")
     config = commands.add_parser(
         "client-config", help="print what a client needs to pull through the mirror",
         description="Print on standard output the configuration CLIENT needs to pull through "

@@ -158,6 +158,8 @@ class Settings:
     admin_token: str = ""
     # Rate-limit budget kept back, for upstreams that set none: pulls, or a share like "10%".
     ratelimit_reserve: str = ratelimit.DEFAULT_RESERVE
+    # The cache browser: web pages under /ui/ (off: they answer 404).
+    ui: bool = True
 
     @property
     def default_upstream(self) -> Upstream:
@@ -301,6 +303,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     else "",
     "admin_token": lambda _n, v: str(v),
     "ratelimit_reserve": _reserve,
+    "ui": boolean,
 }
 
 

@@ -12,6 +12,7 @@ from mirror.metadata.base import (
     Metadata,
     MetadataError,
     MetadataUnavailable,
+    PullCount,
     RefRecord,
     TagRecord,
 )
@@ -19,7 +20,7 @@ from mirror.metadata.sqlite import SqliteMetadata, database_path
 
 __all__ = [
     "PAGE", "AcceptKey", "ContentRecord", "Grant", "Metadata", "MetadataError",
-    "MetadataUnavailable", "RefRecord", "SqliteMetadata", "TagRecord", "create",
+    "MetadataUnavailable", "PullCount", "RefRecord", "SqliteMetadata", "TagRecord", "create",
 ]
 
 

@@ -13,7 +13,8 @@ What it holds:
 - content: size, last use and holders (the upstreams that delivered the bytes) of every
   committed digest, and the running totals the byte budget needs;
 - access facts (`mirror.access` defines them): repository links and caller grants;
-- pins, images named by digest (refs), pushes (tag generations), upload sessions, locks.
+- pins, images named by digest (refs), pushes (tag generations), upload sessions, locks;
+- pull counts of tags (for the cache browser's "most pulled"), one per tag record at most.
 
 Errors: `MetadataError` and its subclasses; an implementation turns its backend's failures
 into them (`MetadataUnavailable` when the backend cannot be reached).
@@ -22,7 +23,7 @@ into them (`MetadataUnavailable` when the backend cannot be reached).
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +69,16 @@ class ContentRecord:
     digest: str
     size: int
     used: float  # time.time() of the last use (the commit counts as one)
+
+
+@dataclass(frozen=True, slots=True)
+class PullCount:
+    """How often a tag was pulled (resolved for a client) since it was first recorded."""
+
+    upstream: str
+    repo: str
+    tag: str
+    count: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +138,11 @@ class Metadata(abc.ABC):
 
     @abc.abstractmethod
     async def content(self, digest: str) -> ContentRecord | None: ...
+
+    @abc.abstractmethod
+    async def contents(self, digests: Sequence[str]) -> dict[str, ContentRecord]:
+        """The records of several digests at once (at most `PAGE`), keyed by digest;
+        digests without one are left out."""
 
     @abc.abstractmethod
     async def drop_content(self, digests: Iterable[str]) -> int:
@@ -194,6 +210,23 @@ class Metadata(abc.ABC):
     @abc.abstractmethod
     async def named(self, digest: str) -> bool:
         """Whether a tag record, a ref or a pin names `digest` directly (a root)."""
+
+    # -- pull counts -----------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def add_pulls(self, pulls: Mapping[tuple[str, str, str], int]) -> None:
+        """Add pulls of tags, keyed by (upstream, repo, tag) (batched). Only tags with a
+        record are counted, and `drop_tag` forgets a tag's count: there are never more
+        counts than tag records."""
+
+    @abc.abstractmethod
+    async def pulls(self, upstream: str, repo: str, tags: Sequence[str]) -> dict[str, int]:
+        """The pull counts of some of a repository's tags (at most `PAGE`); a tag never
+        pulled is left out."""
+
+    @abc.abstractmethod
+    async def most_pulled(self, limit: int, offset: int = 0) -> list[PullCount]:
+        """The most pulled tags, most first (an index gives them in order: no scan)."""
 
     # -- images named by digest ----------------------------------------------------------
 

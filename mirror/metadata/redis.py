@@ -34,6 +34,7 @@ identity, owner or id holds one; `joined` refuses names that do):
     P upload\\0ID              string   session JSON, expiring at the session's end
     P uploads                zset     ID, score = expiry
     P lock\\0NAME              string   owner, expiring with the lease
+    P pulls                  zset     "U\\0R\\0T" of a recorded tag, score = its pull count
 """
 
 from __future__ import annotations
@@ -43,7 +44,15 @@ import json
 import math
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 from urllib.parse import urlsplit
@@ -62,6 +71,7 @@ from mirror.metadata.base import (
     Metadata,
     MetadataError,
     MetadataUnavailable,
+    PullCount,
     RefRecord,
     TagRecord,
 )
@@ -151,8 +161,8 @@ return 1
 """
 
 DROP_TAG = DROP_REPO_IF_EMPTY + """
--- KEYS: the tag's records, the repository's tags, repos, refnames
--- ARGV: names prefix, tag, repo member, name member, refs of the repo (lo, hi)
+-- KEYS: the tag's records, the repository's tags, repos, refnames, pulls
+-- ARGV: names prefix, tag, repo member, name member, refs of the repo (lo, hi), pulls member
 local seen, out = {}, {}
 for _, v in ipairs(redis.call('HVALS', KEYS[1])) do
   local digest = cjson.decode(v).digest
@@ -164,8 +174,21 @@ for _, v in ipairs(redis.call('HVALS', KEYS[1])) do
 end
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[2])
+redis.call('ZREM', KEYS[5], ARGV[7])
 drop_repo_if_empty(KEYS[2], KEYS[3], KEYS[4], ARGV[3], ARGV[5], ARGV[6])
 return out
+"""
+
+# Counts only tags with a record (bounded by them; DROP_TAG forgets a tag's count).
+ADD_PULLS = """
+-- KEYS: pulls, then the records of each tag; ARGV: the members, then their counts
+local n = #ARGV / 2
+for i = 1, n do
+  if redis.call('EXISTS', KEYS[1 + i]) == 1 then
+    redis.call('ZINCRBY', KEYS[1], ARGV[n + i], ARGV[i])
+  end
+end
+return 1
 """
 
 DROP_REF = DROP_REPO_IF_EMPTY + """
@@ -280,6 +303,7 @@ class Scripts:
     drop_content: AsyncScript
     set_tag: AsyncScript
     drop_tag: AsyncScript
+    add_pulls: AsyncScript
     drop_ref: AsyncScript
     unpin: AsyncScript
     grant: AsyncScript
@@ -291,7 +315,7 @@ class Scripts:
     @classmethod
     def register(cls, client: aioredis.Redis) -> Scripts:
         return cls(*(client.register_script(text) for text in (
-            ADD_CONTENT, DROP_CONTENT, SET_TAG, DROP_TAG, DROP_REF, UNPIN, GRANT,
+            ADD_CONTENT, DROP_CONTENT, SET_TAG, DROP_TAG, ADD_PULLS, DROP_REF, UNPIN, GRANT,
             PRUNE_GRANTS, PAGE_BY_SCORE, ACQUIRE, RELEASE)))
 
 
@@ -542,6 +566,10 @@ class RedisMetadata(Metadata):
             return None
         return ContentRecord(digest, int(size), float(used))
 
+    async def contents(self, digests: Sequence[str]) -> dict[str, ContentRecord]:
+        wanted = list(dict.fromkeys(digests))[:PAGE]
+        return {r.digest: r for r in await self._records(wanted)} if wanted else {}
+
     @guarded
     async def drop_content(self, digests: Iterable[str]) -> int:
         freed = 0
@@ -628,9 +656,10 @@ class RedisMetadata(Metadata):
     async def drop_tag(self, upstream: str, repo: str, tag: str) -> list[str]:
         digests = await self.scripts.drop_tag(
             keys=[self._key("tag", upstream, repo, tag), self._key("tags", upstream, repo),
-                  self._key("repos"), self._key("refnames")],
+                  self._key("repos"), self._key("refnames"), self._key("pulls")],
             args=[self._key("names") + SEP, tag, joined(upstream, repo),
-                  joined("t", upstream, repo, tag), *under(upstream, repo)])
+                  joined("t", upstream, repo, tag), *under(upstream, repo),
+                  joined(upstream, repo, tag)])
         return sorted(str(d) for d in digests)
 
     @guarded
@@ -678,6 +707,39 @@ class RedisMetadata(Metadata):
     async def named(self, digest: str) -> bool:
         return bool(await self.client.exists(self._key("names", digest),
                                              self._key("pinners", digest)))
+
+    # -- pull counts -----------------------------------------------------------------------
+
+    @guarded
+    async def add_pulls(self, pulls: Mapping[tuple[str, str, str], int]) -> None:
+        items = [(key, n) for key, n in pulls.items() if n > 0]
+        for start in range(0, len(items), BATCH):
+            batch = items[start:start + BATCH]
+            await self.scripts.add_pulls(
+                keys=[self._key("pulls"), *(self._key("tag", *key) for key, _ in batch)],
+                args=[*(joined(*key) for key, _ in batch), *(n for _, n in batch)])
+
+    @guarded
+    async def pulls(self, upstream: str, repo: str, tags: Sequence[str]) -> dict[str, int]:
+        wanted = list(dict.fromkeys(tags))[:PAGE]
+        if not wanted:
+            return {}
+        scores = await self.client.zmscore(self._key("pulls"),
+                                           [joined(upstream, repo, t) for t in wanted])
+        return {tag: int(score) for tag, score in zip(wanted, scores, strict=True)
+                if score is not None}
+
+    @guarded
+    async def most_pulled(self, limit: int, offset: int = 0) -> list[PullCount]:
+        if limit <= 0:
+            return []
+        rows: list[Any] = await self.client.zrevrange(
+            self._key("pulls"), offset, offset + limit - 1, withscores=True)
+        out = []
+        for row in rows:
+            names = str(row[0]).split(SEP)
+            out.append(PullCount(names[0], names[1], names[2], int(row[1])))
+        return out
 
     # -- refs ------------------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ import os
 import secrets
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,6 +31,7 @@ from mirror.metadata.base import (
     Grant,
     Metadata,
     MetadataError,
+    PullCount,
     RefRecord,
     TagRecord,
 )
@@ -85,6 +86,12 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX uploads_by_expiry ON uploads (expires);
     CREATE TABLE locks (name TEXT PRIMARY KEY, owner TEXT NOT NULL,
         expires REAL NOT NULL) WITHOUT ROWID;
+    """,
+    # 2: pull counts of tags, most pulled first by index.
+    """
+    CREATE TABLE pulls (upstream TEXT NOT NULL, repo TEXT NOT NULL, tag TEXT NOT NULL,
+        count INTEGER NOT NULL, PRIMARY KEY (upstream, repo, tag)) WITHOUT ROWID;
+    CREATE INDEX pulls_by_count ON pulls (count DESC, upstream, repo, tag);
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -275,6 +282,15 @@ class SqliteMetadata(Metadata):
         row = self._one("SELECT size, used FROM content WHERE digest = ?", (digest,))
         return None if row is None else ContentRecord(digest, int(row[0]), float(row[1]))
 
+    async def contents(self, digests: Sequence[str]) -> dict[str, ContentRecord]:
+        wanted = list(dict.fromkeys(digests))[:PAGE]
+        if not wanted:
+            return {}
+        marks = ", ".join("?" * len(wanted))
+        rows = self._all(f"SELECT digest, size, used FROM content WHERE digest IN ({marks})",
+                         tuple(wanted))
+        return {r[0]: ContentRecord(r[0], int(r[1]), float(r[2])) for r in rows}
+
     async def drop_content(self, digests: Iterable[str]) -> int:
         wanted = list(digests)
 
@@ -353,6 +369,8 @@ class SqliteMetadata(Metadata):
         def work(db: sqlite3.Connection) -> list[str]:
             rows = db.execute("DELETE FROM tags WHERE upstream = ? AND repo = ? AND tag = ? "
                               "RETURNING digest", (upstream, repo, tag)).fetchall()
+            db.execute("DELETE FROM pulls WHERE upstream = ? AND repo = ? AND tag = ?",
+                       (upstream, repo, tag))
             self._drop_repo_if_empty(db, upstream, repo)
             return sorted({r[0] for r in rows})
 
@@ -401,6 +419,30 @@ class SqliteMetadata(Metadata):
             "SELECT 1 FROM tags WHERE digest = ? LIMIT 1",
             "SELECT 1 FROM refs WHERE digest = ? LIMIT 1",
             "SELECT 1 FROM pins WHERE digest = ? LIMIT 1"))
+
+    # -- pull counts -----------------------------------------------------------------------
+
+    async def add_pulls(self, pulls: Mapping[tuple[str, str, str], int]) -> None:
+        rows = [(u, r, t, n, u, r, t) for (u, r, t), n in pulls.items() if n > 0]
+        if rows:
+            self._write("pull counts", lambda db: db.executemany(
+                "INSERT INTO pulls SELECT ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM tags WHERE "
+                "upstream = ? AND repo = ? AND tag = ? AND accept = '-') "
+                "ON CONFLICT DO UPDATE SET count = count + excluded.count", rows))
+
+    async def pulls(self, upstream: str, repo: str, tags: Sequence[str]) -> dict[str, int]:
+        wanted = list(dict.fromkeys(tags))[:PAGE]
+        if not wanted:
+            return {}
+        marks = ", ".join("?" * len(wanted))
+        rows = self._all(f"SELECT tag, count FROM pulls WHERE upstream = ? AND repo = ? AND "
+                         f"tag IN ({marks})", (upstream, repo, *wanted))
+        return {str(r[0]): int(r[1]) for r in rows}
+
+    async def most_pulled(self, limit: int, offset: int = 0) -> list[PullCount]:
+        rows = self._all("SELECT upstream, repo, tag, count FROM pulls ORDER BY count DESC, "
+                         "upstream, repo, tag LIMIT ? OFFSET ?", (limit, offset))
+        return [PullCount(r[0], r[1], r[2], int(r[3])) for r in rows]
 
     # -- refs ------------------------------------------------------------------------------
 

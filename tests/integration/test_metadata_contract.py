@@ -23,6 +23,7 @@ from mirror.metadata.base import (
     Metadata,
     MetadataError,
     MetadataUnavailable,
+    PullCount,
     RefRecord,
     TagRecord,
 )
@@ -204,6 +205,50 @@ async def test_iter_tags_in_order_across_pages(meta: Metadata, small_pages: int)
     assert await collect(meta.iter_tags()) == expected
 
 
+async def test_pull_counts_of_recorded_tags(meta: Metadata) -> None:
+    for tag in ("a", "b", "c"):
+        await meta.set_tag(record(tag, D1), None)
+    await meta.set_tag(record("x", D2, upstream="ghcr.io", repo="o/img"), None)
+    await meta.add_pulls({("docker.io", "library/alpine", "a"): 2,
+                          ("docker.io", "library/alpine", "b"): 5,
+                          ("ghcr.io", "o/img", "x"): 1,
+                          ("docker.io", "library/alpine", "nope"): 9,  # no record: uncounted
+                          ("docker.io", "library/alpine", "c"): 0})
+    await meta.add_pulls({("docker.io", "library/alpine", "a"): 1})
+    assert await meta.pulls("docker.io", "library/alpine", ["a", "b", "c", "nope"]) == {
+        "a": 3, "b": 5}
+    assert await meta.pulls("ghcr.io", "o/img", ["x"]) == {"x": 1}
+    assert await meta.pulls("ghcr.io", "library/alpine", ["a"]) == {}
+    assert await meta.pulls("docker.io", "library/alpine", []) == {}
+    assert await meta.most_pulled(10) == [
+        PullCount("docker.io", "library/alpine", "b", 5),
+        PullCount("docker.io", "library/alpine", "a", 3),
+        PullCount("ghcr.io", "o/img", "x", 1)]
+    assert await meta.most_pulled(1, offset=1) == [
+        PullCount("docker.io", "library/alpine", "a", 3)]
+    assert await meta.most_pulled(0) == []
+    assert await meta.most_pulled(5, offset=3) == []
+    # Forgetting a tag forgets its count; recorded again, it counts from zero.
+    await meta.drop_tag("docker.io", "library/alpine", "b")
+    assert await meta.pulls("docker.io", "library/alpine", ["b"]) == {}
+    assert [p.tag for p in await meta.most_pulled(10)] == ["a", "x"]
+    await meta.set_tag(record("b", D2), None)
+    await meta.add_pulls({("docker.io", "library/alpine", "b"): 1})
+    assert await meta.pulls("docker.io", "library/alpine", ["b"]) == {"b": 1}
+
+
+async def test_many_pull_counts_in_one_batch(meta: Metadata) -> None:
+    tags = [f"t{n:04}" for n in range(600)]  # more than one script call's batch
+    for tag in tags:
+        await meta.set_tag(record(tag, D1), None)
+    await meta.add_pulls({("docker.io", "library/alpine", t): n + 1
+                          for n, t in enumerate(tags)})
+    top = await meta.most_pulled(3)
+    assert [(p.tag, p.count) for p in top] == [("t0599", 600), ("t0598", 599), ("t0597", 598)]
+    counts = await meta.pulls("docker.io", "library/alpine", tags[:500])
+    assert counts == {t: n + 1 for n, t in enumerate(tags[:500])}
+
+
 async def test_named_and_tagged(meta: Metadata) -> None:
     assert not await meta.named(D1)
     await meta.set_tag(record("3", D1), (OCI,))
@@ -288,6 +333,16 @@ async def test_content_add_drop_and_totals(meta: Metadata) -> None:
     assert await meta.totals() == (50, 1)
     assert await meta.add_content(D1, 100, None, 20.0)  # new again
     assert await meta.totals() == (150, 2)
+
+
+async def test_contents_reads_several_records_at_once(meta: Metadata) -> None:
+    await meta.add_content(D1, 10, "docker.io", 100.0)
+    await meta.add_content(D2, 20, None, 200.0)
+    assert await meta.contents([D1, D3, D2, D1]) == {
+        D1: ContentRecord(D1, 10, 100.0), D2: ContentRecord(D2, 20, 200.0)}
+    assert await meta.contents([]) == {}
+    await meta.drop_content([D1])
+    assert await meta.contents([D1, D2]) == {D2: ContentRecord(D2, 20, 200.0)}
 
 
 async def test_large_sizes_are_exact(meta: Metadata) -> None:
