@@ -32,10 +32,11 @@ from mirror import metadata as metadata_module
 from mirror.airgap.progress import human_bytes
 from mirror.evict import default_budget
 from mirror.imageref import ImageRef, RefError
+from mirror.locks import FillLock
 from mirror.metadata import Metadata
 from mirror.reference import Digest
 from mirror.settings import Settings, SettingsError, load
-from mirror.store import STALE_TMP, FillLock, Store
+from mirror.store import STALE_TMP, Store
 
 GC_MIN_AGE = 600.0
 MEMO = 10_000  # reachability answers kept while collecting: bounded, whatever the cache

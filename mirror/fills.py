@@ -34,10 +34,11 @@ from mirror.upstream import BodyBroken, Streamed
 
 if TYPE_CHECKING:
     from mirror.cluster import Cluster
+from mirror.locks import FillLock, lock_is_held
 from mirror.readers import Fill, LocalReader, Reader, RemoteReader
 from mirror.reference import Digest
 from mirror.relay import Relay
-from mirror.store import CHUNK, DISK_FULL, POLL, FillLock, Store, lock_is_held
+from mirror.store import CHUNK, DISK_FULL, POLL, Store
 
 log = logging.getLogger("mirror.fills")
 

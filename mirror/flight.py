@@ -9,7 +9,8 @@ from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, TypeVar
 
 from mirror.errors import UpstreamTimeout
-from mirror.store import POLL, FillLock, Store, lock_is_held
+from mirror.locks import FillLock, lock_is_held
+from mirror.store import POLL, Store
 
 T = TypeVar("T")
 

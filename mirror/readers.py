@@ -21,9 +21,10 @@ from mirror.objectstore import ObjectStoreError, Writer
 
 if TYPE_CHECKING:
     from mirror.cluster import Claim
+from mirror.locks import FillLock, lock_is_held
 from mirror.reference import Digest
 from mirror.relay import Relay
-from mirror.store import CHUNK, POLL, FillLock, Store, lock_is_held
+from mirror.store import CHUNK, POLL, Store
 
 
 class Fill:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import logging
 import os
 import re
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mirror.locks import FillLock
 from mirror.metadata import ContentRecord, Metadata
 from mirror.objectstore import ObjectStore
 from mirror.recency import Recency
@@ -353,69 +353,3 @@ def _digest_at(algorithm: str, prefix: str, name: str) -> Digest | None:
             and re.fullmatch(r"[a-f0-9]+", name)):
         return Digest(algorithm, name)
     return None
-
-
-class FillLock:
-    """An exclusive, non-blocking flock(2) on a per-digest file, shared across processes.
-
-    The kernel drops it when its holder dies, which is how followers notice a dead filler.
-    The holder unlinks the file before releasing; acquirers re-check the inode so a lock
-    taken on an already unlinked file does not count.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.fd: int | None = None
-
-    def acquire(self) -> bool:
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                return False
-            try:
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                self.fd = fd
-                return True
-            os.close(fd)
-
-    def release(self, remove: bool = True) -> None:
-        if self.fd is None:
-            return
-        if remove:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
-        os.close(self.fd)
-        self.fd = None
-
-
-def lock_is_held(path: Path) -> bool:
-    """Whether some process holds the fill lock at `path` (never creates the file)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    except OSError as exc:  # pragma: no cover - exotic filesystems
-        return exc.errno != errno.ENOLCK
-    finally:
-        os.close(fd)
-    return False
-
-
-def read_chunks(fd: int, start: int, end: int, chunk: int = CHUNK) -> Iterator[bytes]:
-    pos = start
-    while pos < end:
-        data = os.pread(fd, min(chunk, end - pos), pos)
-        if not data:
-            return
-        pos += len(data)
-        yield data

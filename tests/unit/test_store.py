@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from mirror.flight import SingleFlight, exclusive
+from mirror.locks import FillLock, lock_is_held
 from mirror.reference import Digest
-from mirror.store import FillLock, Store, lock_is_held
+from mirror.store import Store
 
 
 def _digest(data: bytes) -> Digest:
