@@ -39,29 +39,22 @@ identity, owner or id holds one; `joined` refuses names that do):
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import secrets
 import time
 from collections.abc import (
     AsyncIterator,
-    Awaitable,
-    Callable,
-    Coroutine,
     Iterable,
     Mapping,
     Sequence,
 )
-from dataclasses import dataclass
-from typing import Any, ParamSpec, TypeVar
-from urllib.parse import urlsplit
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis import exceptions as rx
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
-from redis.commands.core import AsyncScript
 
 from mirror.metadata.base import (
     PAGE,
@@ -70,334 +63,36 @@ from mirror.metadata.base import (
     Grant,
     Metadata,
     MetadataError,
-    MetadataUnavailable,
     PullCount,
     RefRecord,
     TagRecord,
 )
+from mirror.metadata.redis_keys import (
+    BATCH,
+    NEXT,
+    SEP,
+    Scored,
+    chunks,
+    grant_record,
+    guarded,
+    joined,
+    lex_after,
+    pairs,
+    ref_record,
+    score_text,
+    tag_record,
+    tag_value,
+    under,
+    where,
+)
+from mirror.metadata.redis_scripts import Scripts
 from mirror.metadata.sqlite import accept_text
 
-P = ParamSpec("P")
-T = TypeVar("T")
-Scored = list[tuple[str, float]]  # (member, score) of a sorted set
-
-SEP = "\0"
-NEXT = "\x01"  # the byte after SEP: "[a\0" .. "(a\x01" bounds every name under "a"
 SCHEMA_VERSION = 1
 MAX_CONNECTIONS = 64  # per process; a request waits for one rather than failing
 POOL_TIMEOUT = 5.0  # seconds to wait for a free connection before giving up
 SOCKET_TIMEOUT = 10.0
-BATCH = 256  # digests per script call, grants per prune step: bounded work per call
 LATEST = accept_text(None)
-
-# -- scripts ------------------------------------------------------------------------------
-
-ADD_CONTENT = """
--- KEYS: sizes, used, content, totals, holders of the digest
--- ARGV: digest, size, at[, holder]
-local new = redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
-if new == 1 then
-  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
-  redis.call('ZADD', KEYS[3], 0, ARGV[1])
-  redis.call('HINCRBY', KEYS[4], 'bytes', ARGV[2])
-  redis.call('HINCRBY', KEYS[4], 'entries', 1)
-else
-  redis.call('ZADD', KEYS[2], 'GT', ARGV[3], ARGV[1])
-end
-if ARGV[4] then redis.call('SADD', KEYS[5], ARGV[4]) end
-return new
-"""
-
-DROP_CONTENT = """
--- KEYS: sizes, used, content, totals, then the holders of each digest; ARGV: the digests
-local freed, count = 0, 0
-for i, digest in ipairs(ARGV) do
-  local size = redis.call('HGET', KEYS[1], digest)
-  if size then
-    redis.call('HDEL', KEYS[1], digest)
-    redis.call('ZREM', KEYS[2], digest)
-    redis.call('ZREM', KEYS[3], digest)
-    freed = freed + tonumber(size)
-    count = count + 1
-  end
-  redis.call('DEL', KEYS[4 + i])
-end
-if count > 0 then
-  -- '%d': a plain number argument would be sent in '%.14g' form
-  redis.call('HINCRBY', KEYS[4], 'bytes', string.format('%d', -freed))
-  redis.call('HINCRBY', KEYS[4], 'entries', -count)
-end
-return string.format('%d', freed)
-"""
-
-# A repository stays listed while a tag or a ref names it.
-DROP_REPO_IF_EMPTY = """
-local function drop_repo_if_empty(tags, repos, refnames, repo, lo, hi)
-  if redis.call('ZCARD', tags) == 0
-      and #redis.call('ZRANGEBYLEX', refnames, lo, hi, 'LIMIT', 0, 1) == 0 then
-    redis.call('ZREM', repos, repo)
-  end
-end
-"""
-
-SET_TAG = """
--- KEYS: the tag's records, the repository's tags, repos
--- ARGV: names prefix, tag, repo member, name member, digest, record, Accept fields...
-local function named()
-  local seen = {}
-  for _, v in ipairs(redis.call('HVALS', KEYS[1])) do seen[cjson.decode(v).digest] = true end
-  return seen
-end
-local before = named()
-for i = 7, #ARGV do redis.call('HSET', KEYS[1], ARGV[i], ARGV[6]) end
-local after = named()
-for digest in pairs(before) do
-  if not after[digest] then redis.call('ZREM', ARGV[1] .. digest, ARGV[4]) end
-end
-redis.call('ZADD', ARGV[1] .. ARGV[5], 0, ARGV[4])
-redis.call('ZADD', KEYS[2], 0, ARGV[2])
-redis.call('ZADD', KEYS[3], 0, ARGV[3])
-return 1
-"""
-
-DROP_TAG = DROP_REPO_IF_EMPTY + """
--- KEYS: the tag's records, the repository's tags, repos, refnames, pulls
--- ARGV: names prefix, tag, repo member, name member, refs of the repo (lo, hi), pulls member
-local seen, out = {}, {}
-for _, v in ipairs(redis.call('HVALS', KEYS[1])) do
-  local digest = cjson.decode(v).digest
-  if not seen[digest] then
-    seen[digest] = true
-    out[#out + 1] = digest
-    redis.call('ZREM', ARGV[1] .. digest, ARGV[4])
-  end
-end
-redis.call('DEL', KEYS[1])
-redis.call('ZREM', KEYS[2], ARGV[2])
-redis.call('ZREM', KEYS[5], ARGV[7])
-drop_repo_if_empty(KEYS[2], KEYS[3], KEYS[4], ARGV[3], ARGV[5], ARGV[6])
-return out
-"""
-
-# Counts only tags with a record (bounded by them; DROP_TAG forgets a tag's count).
-ADD_PULLS = """
--- KEYS: pulls, then the records of each tag; ARGV: the members, then their counts
-local n = #ARGV / 2
-for i = 1, n do
-  if redis.call('EXISTS', KEYS[1 + i]) == 1 then
-    redis.call('ZINCRBY', KEYS[1], ARGV[n + i], ARGV[i])
-  end
-end
-return 1
-"""
-
-DROP_REF = DROP_REPO_IF_EMPTY + """
--- KEYS: refs, the repository's tags, repos, refnames, names of the digest
--- ARGV: ref member, name member, repo member, refs of the repo (lo, hi)
-local gone = redis.call('HDEL', KEYS[1], ARGV[1])
-redis.call('ZREM', KEYS[4], ARGV[1])
-redis.call('ZREM', KEYS[5], ARGV[2])
-drop_repo_if_empty(KEYS[2], KEYS[3], KEYS[4], ARGV[3], ARGV[4], ARGV[5])
-return gone
-"""
-
-UNPIN = """
--- KEYS: pins; ARGV: pinners prefix, owner, the owner's pins (lo, hi)
-local members = redis.call('ZRANGEBYLEX', KEYS[1], ARGV[3], ARGV[4])
-redis.call('ZREMRANGEBYLEX', KEYS[1], ARGV[3], ARGV[4])
-local out = {}
-for i, member in ipairs(members) do
-  local digest = string.sub(member, #ARGV[2] + 2)
-  redis.call('SREM', ARGV[1] .. digest, ARGV[2])
-  out[i] = digest
-end
-return out
-"""
-
-GRANT = """
--- KEYS: the repository's grants, transient grants; ARGV: identity, at, durable (1/0), member
--- The value's text is written here only, so its "at" is read back by position.
-local at, durable = ARGV[2], ARGV[3] == '1'
-local current = redis.call('HGET', KEYS[1], ARGV[1])
-if current then
-  local old = string.match(current, '^{"at": ([^,]+),')
-  if tonumber(old) > tonumber(at) then at = old end
-  durable = durable or string.find(current, '"durable": true', 1, true) ~= nil
-end
-redis.call('HSET', KEYS[1], ARGV[1], '{"at": ' .. at .. ', "durable": ' .. tostring(durable) .. '}')
-if durable then
-  redis.call('ZREM', KEYS[2], ARGV[4])
-else
-  redis.call('ZADD', KEYS[2], at, ARGV[4])
-end
-return 1
-"""
-
-PRUNE_GRANTS = """
--- KEYS: transient grants, then each grant's repository hash
--- ARGV: before, the members, then their identities (a member still older than `before` goes)
-local n = (#ARGV - 1) / 2
-local removed = 0
-for i = 1, n do
-  local score = redis.call('ZSCORE', KEYS[1], ARGV[1 + i])
-  if score and tonumber(score) < tonumber(ARGV[1]) then
-    redis.call('ZREM', KEYS[1], ARGV[1 + i])
-    redis.call('HDEL', KEYS[1 + i], ARGV[1 + n + i])
-    removed = removed + 1
-  end
-end
-return removed
-"""
-
-# Keyset pagination over (score, member) of a sorted set: entries after (ARGV[1], ARGV[2])
-# and scored below ARGV[3], at most ARGV[4]. Within equal scores Redis orders members by
-# bytes; the comparison here is bytewise too (Lua's `<` follows the server's locale).
-PAGE_BY_SCORE = """
-local function le(a, b)
-  for i = 1, math.min(#a, #b) do
-    local x, y = string.byte(a, i), string.byte(b, i)
-    if x ~= y then return x < y end
-  end
-  return #a <= #b
-end
-local key, start = KEYS[1], 0
-if ARGV[1] ~= '' then
-  local lo = redis.call('ZCOUNT', key, '-inf', '(' .. ARGV[1])
-  local hi = lo + redis.call('ZCOUNT', key, ARGV[1], ARGV[1])
-  while lo < hi do  -- the first of the equal scores whose member sorts after ARGV[2]
-    local mid = math.floor((lo + hi) / 2)
-    if le(redis.call('ZRANGE', key, mid, mid)[1], ARGV[2]) then lo = mid + 1 else hi = mid end
-  end
-  start = lo
-end
-local rows = redis.call('ZRANGE', key, start, start + tonumber(ARGV[4]) - 1, 'WITHSCORES')
-local out, limit = {}, tonumber(ARGV[3])
-for i = 1, #rows, 2 do
-  if tonumber(rows[i + 1]) >= limit then break end
-  out[#out + 1] = rows[i]
-  out[#out + 1] = rows[i + 1]
-end
-return out
-"""
-
-ACQUIRE = """
--- KEYS: the lock; ARGV: owner, lease in milliseconds
-local owner = redis.call('GET', KEYS[1])
-if owner == false or owner == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
-end
-return 0
-"""
-
-RELEASE = """
--- KEYS: the lock; ARGV: owner
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
-
-@dataclass(frozen=True, slots=True)
-class Scripts:
-    add_content: AsyncScript
-    drop_content: AsyncScript
-    set_tag: AsyncScript
-    drop_tag: AsyncScript
-    add_pulls: AsyncScript
-    drop_ref: AsyncScript
-    unpin: AsyncScript
-    grant: AsyncScript
-    prune_grants: AsyncScript
-    page_by_score: AsyncScript
-    acquire: AsyncScript
-    release: AsyncScript
-
-    @classmethod
-    def register(cls, client: aioredis.Redis) -> Scripts:
-        return cls(*(client.register_script(text) for text in (
-            ADD_CONTENT, DROP_CONTENT, SET_TAG, DROP_TAG, ADD_PULLS, DROP_REF, UNPIN, GRANT,
-            PRUNE_GRANTS, PAGE_BY_SCORE, ACQUIRE, RELEASE)))
-
-
-# -- helpers ------------------------------------------------------------------------------
-
-
-def joined(*names: str) -> str:
-    """Names joined into one key part or member; a name holding the separator is refused
-    (it could alias another)."""
-    for name in names:
-        if SEP in name:
-            raise MetadataError(f"a name holds a NUL character: {name!r}")
-    return SEP.join(names)
-
-
-def under(*names: str) -> tuple[str, str]:
-    """ZRANGEBYLEX bounds of every member that starts with `names` and a separator."""
-    stem = joined(*names)
-    return "[" + stem + SEP, "(" + stem + NEXT
-
-
-def lex_after(member: str) -> str:
-    """The ZRANGEBYLEX lower bound just past `member` ("" is the start)."""
-    return "(" + member if member else "-"
-
-
-def where(url: str) -> str:
-    """The server a URL names, without its credentials (for messages)."""
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
-
-
-def score_text(value: float) -> str:
-    """A score as Redis reads it back exactly (repr round-trips a double)."""
-    return repr(float(value))
-
-
-def guarded(work: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
-    """Turn redis-py's failures into the interface's errors."""
-
-    @functools.wraps(work)
-    async def call(*args: P.args, **kwargs: P.kwargs) -> T:
-        try:
-            return await work(*args, **kwargs)
-        except (rx.ConnectionError, rx.TimeoutError, rx.ReadOnlyError, OSError) as exc:
-            raise MetadataUnavailable(f"Redis metadata store unreachable: {exc}") from exc
-        except rx.RedisError as exc:
-            raise MetadataError(f"Redis metadata store failed: {exc}") from exc
-
-    return call
-
-
-def tag_value(record: TagRecord) -> str:
-    return json.dumps({"digest": record.digest, "media_type": record.media_type,
-                       "size": record.size, "at": record.at}, separators=(",", ":"))
-
-
-def tag_record(upstream: str, repo: str, tag: str, value: str | bytes) -> TagRecord:
-    data = json.loads(value)
-    return TagRecord(upstream, repo, tag, str(data["digest"]), str(data["media_type"]),
-                     int(data["size"]), float(data["at"]))
-
-
-def grant_record(upstream: str, repo: str, identity: str, value: str | bytes) -> Grant:
-    data = json.loads(value)
-    return Grant(upstream, repo, identity, float(data["at"]), bool(data["durable"]))
-
-
-def ref_record(member: str, value: str | bytes) -> RefRecord:
-    upstream, repo, digest = member.split(SEP)
-    data = json.loads(value)
-    return RefRecord(upstream, repo, digest, str(data["media_type"]), int(data["size"]))
-
-
-def pairs(rows: list[Any]) -> Scored:
-    """A flat [member, score, ...] script reply as (member, score) pairs."""
-    return [(str(rows[i]), float(rows[i + 1])) for i in range(0, len(rows), 2)]
-
-
-def chunks(items: list[str], size: int = BATCH) -> Iterable[list[str]]:
-    return (items[i:i + size] for i in range(0, len(items), size))
-
 
 class RedisMetadata(Metadata):
     def __init__(self, url: str, prefix: str = "mirror:", *,
