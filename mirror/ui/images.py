@@ -1,6 +1,8 @@
 """What the pages show of an image, read from the cache: platforms, sizes, annotations,
-layers. Content is named by its digest, so what a page shows of D is what any upstream
-holding D serves; who may see it is for `mirror.ui.visitors` to say.
+layers. Who may see an upstream's repository is for `mirror.ui.visitors` to say; what its
+pages show of a document (a manifest, an index, a config) comes only from bytes that
+upstream itself delivered (rule 1 of `mirror.access`): a digest it merely names (a tag's
+HEAD, a descriptor) shows nothing of what another upstream delivered under that digest.
 
 Manifests and configs are read through the store (`Store.read`, which checks them against
 their records) and parsed once: their documents are kept in a small LRU, since content never
@@ -135,7 +137,7 @@ class Images:
         self.metadata = metadata
         self._documents: cachetools.LRUCache[str, tuple[dict[str, Any], int]] = \
             cachetools.LRUCache(DOCUMENT_BYTES, getsizeof=lambda entry: entry[1])
-        self._summaries: cachetools.TTLCache[str, Summary] = cachetools.TTLCache(
+        self._summaries: cachetools.TTLCache[tuple[str, str], Summary] = cachetools.TTLCache(
             SIZE_ENTRIES, SIZE_TTL)
 
     # -- records and documents -------------------------------------------------------------
@@ -156,16 +158,28 @@ class Images:
         records = await self.records(d for d in wanted if d not in found)
         return {**{d: r.used for d, r in records.items()}, **found}
 
-    async def documents(self, wanted: Mapping[str, int]) -> dict[str, dict[str, Any]]:
-        """Cached JSON documents (manifests, indexes, configs), parsed, by digest; `wanted`
-        gives each digest's size limit. Those not cached, too large or not JSON objects
-        are left out."""
+    async def held(self, upstream: str, digests: Iterable[str]) -> set[str]:
+        """Those of `digests` whose bytes `upstream` delivered (or accepted): the only
+        content its pages may show."""
+        found = set()
+        for digest in dict.fromkeys(digests):
+            with contextlib.suppress(DigestInvalid):
+                if await self.store.holds(upstream, parse_digest(digest)):
+                    found.add(digest)
+        return found
+
+    async def documents(self, wanted: Mapping[str, int],
+                        upstream: str) -> dict[str, dict[str, Any]]:
+        """Cached JSON documents (manifests, indexes, configs) that `upstream` delivered,
+        parsed, by digest; `wanted` gives each digest's size limit. Those not cached, not
+        delivered by `upstream`, too large or not JSON objects are left out."""
         found: dict[str, dict[str, Any]] = {}
+        held = await self.held(upstream, wanted)
         for digest in wanted:
             kept = self._documents.get(digest)
-            if kept is not None:
+            if kept is not None and digest in held:
                 found[digest] = kept[0]
-        records = await self.records(d for d in wanted if d not in found)
+        records = await self.records(d for d in wanted if d not in found and d in held)
         for digest, record in records.items():
             if record.size > wanted[digest]:
                 continue  # a descriptor may name anything as a config: nothing large is read
@@ -180,8 +194,9 @@ class Images:
             found[digest] = doc
         return found
 
-    async def document(self, digest: str, limit: int = MAX_DOCUMENT) -> dict[str, Any] | None:
-        return (await self.documents({digest: limit})).get(digest)
+    async def document(self, digest: str, upstream: str,
+                       limit: int = MAX_DOCUMENT) -> dict[str, Any] | None:
+        return (await self.documents({digest: limit}, upstream)).get(digest)
 
     async def _read(self, digest: str, size: int) -> bytes | None:
         """The committed bytes of `digest`, when they have the length its record verified
@@ -203,34 +218,39 @@ class Images:
         digest = config.get("digest") if config is not None else None
         return digest if isinstance(digest, str) else None
 
-    async def config_of(self, manifest: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    async def config_of(self, manifest: Mapping[str, Any] | None,
+                        upstream: str) -> dict[str, Any] | None:
         digest = self._config_digest(manifest)
-        return await self.document(digest, MAX_CONFIG) if digest is not None else None
+        return await self.document(digest, upstream, MAX_CONFIG) if digest is not None \
+            else None
 
     # -- rows of the tag table -------------------------------------------------------------
 
-    async def summaries(self, images: Sequence[tuple[str, str]]) -> list[Summary]:
-        """Summaries of (digest, media type) pairs, read together: a few metadata reads for
-        a whole page, whatever it holds."""
-        todo = {d: t for d, t in images if d not in self._summaries}
+    async def summaries(self, images: Sequence[tuple[str, str]],
+                        upstream: str) -> list[Summary]:
+        """Summaries of (digest, media type) pairs of `upstream`'s repositories, read
+        together: a few metadata reads for a whole page, whatever it holds."""
+        todo = {d: t for d, t in images if (upstream, d) not in self._summaries}
         if todo:
-            roots = await self.documents(dict.fromkeys(todo, MAX_DOCUMENT))
+            roots = await self.documents(dict.fromkeys(todo, MAX_DOCUMENT), upstream)
             second: dict[str, int] = {}  # an index's manifests, an image's config
             for digest, doc in roots.items():
                 if oci.is_index(doc, todo[digest]):
                     second.update(dict.fromkeys(_named(doc, "manifests"), MAX_DOCUMENT))
                 elif (config := self._config_digest(doc)) is not None:
                     second[config] = MAX_CONFIG
-            inner = await self.documents(second)
+            inner = await self.documents(second, upstream)
             closures = {d: self._closure(d, roots.get(d), t, inner) for d, t in todo.items()}
             records = await self.records(n for names in closures.values() for n in names)
+            held = await self.held(upstream, todo)
             for digest, media_type in todo.items():
-                self._summaries[digest] = self._summary(
-                    digest, roots.get(digest), media_type, inner, closures[digest], records)
-        return [self._summaries[d] for d, _ in images]
+                self._summaries[(upstream, digest)] = self._summary(
+                    digest, roots.get(digest), media_type, inner, closures[digest],
+                    records if digest in held else {})
+        return [self._summaries[(upstream, d)] for d, _ in images]
 
-    async def summary(self, digest: str, media_type: str) -> Summary:
-        return (await self.summaries([(digest, media_type)]))[0]
+    async def summary(self, digest: str, media_type: str, upstream: str) -> Summary:
+        return (await self.summaries([(digest, media_type)], upstream))[0]
 
     def _closure(self, digest: str, doc: dict[str, Any] | None, media_type: str,
                  inner: Mapping[str, dict[str, Any]]) -> list[str]:
@@ -273,11 +293,12 @@ class Images:
 
     # -- an image's page -------------------------------------------------------------------
 
-    async def details(self, digest: str, media_type: str) -> Details:
-        doc = await self.document(digest)
+    async def details(self, digest: str, media_type: str, upstream: str) -> Details:
+        """An image of `upstream`'s, from the documents that upstream delivered."""
+        doc = await self.document(digest, upstream)
         media_type = media_type or (oci.media_type(doc) if doc is not None else "")
         details = Details(digest, media_type, doc is not None)
-        details.summary = await self.summary(digest, media_type)
+        details.summary = await self.summary(digest, media_type, upstream)
         details.pinned = await self.metadata.pinned(digest)
         details.used = (await self.last_used([digest])).get(digest)
         details.fetched = self._stored_at(digest)
@@ -287,13 +308,15 @@ class Images:
             details.index = True
             details.platforms = await self._parts(doc.get("manifests"), with_platform=True)
             child = self._main_child(details.platforms)
-            child_doc = await self.document(child.digest) if child is not None else None
-            config = await self.config_of(child_doc) if child_doc is not None else None
+            child_doc = await self.document(child.digest, upstream) if child is not None \
+                else None
+            config = await self.config_of(child_doc, upstream) if child_doc is not None \
+                else None
             details.labels = merge_fields(_mapping(doc.get("annotations")),
                                           _mapping(child_doc and child_doc.get("annotations")),
                                           _labels(config))
         else:
-            config = await self.config_of(doc)
+            config = await self.config_of(doc, upstream)
             details.platform = platform_of(config)
             configs = await self._parts([doc.get("config")])
             details.config = configs[0] if configs else None

@@ -286,7 +286,8 @@ class Pages:
         if not await self.visitors.may_see_repo(client, repo, caller, hint):
             raise NotShown
         more, records = len(records) > n, records[:n]
-        summaries = await self.images.summaries([(r.digest, r.media_type) for r in records])
+        summaries = await self.images.summaries([(r.digest, r.media_type) for r in records],
+                                                 client.name)
         used = await self.images.last_used(r.digest for r in records)
         pulls = await self.metadata.pulls(client.name, repo, [r.tag for r in records])
         rows = [Row(r, s.platforms, s.size, s.complete, used.get(r.digest), pulls.get(r.tag, 0))
@@ -311,7 +312,7 @@ class Pages:
             if not await self.visitors.may_see_image(client, repo, caller, digest):
                 raise NotShown
             media_type = await self.metadata.media_type(digest) or ""
-        details = await self.images.details(digest, media_type)
+        details = await self.images.details(digest, media_type, client.name)
         reference = f":{tag}" if tag is not None else f"@{digest}"
         tags = [tag] if tag is not None else await self.metadata.tags_naming(
             client.name, repo, digest)

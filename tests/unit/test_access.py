@@ -348,3 +348,52 @@ def test_a_minted_token_cannot_be_altered(fake: AuthUpstream, tmp_path: Path) ->
             assert response.status_code == 401
 
     asyncio.run(scenario())
+
+
+# -- 8. the cache browser showing another upstream's content under a lying upstream's name ---
+
+
+def test_the_cache_browser_shows_only_content_its_upstream_delivered(
+    fake: AuthUpstream, tmp_path: Path
+) -> None:
+    """Rule 1 holds for the pages too: an upstream that claims (a tag's HEAD, a descriptor of
+    a manifest it serves) a digest it never delivered shows nothing of another upstream's
+    cached bytes: no annotation, no config label, no layer."""
+    title = "TOP SECRET TITLE"
+    image = fake.add_image(SECRET, "1.0", [b"secret layer " * 100], private=True,
+                           readers={"alice"},
+                           extra={"annotations": {"org.opencontainers.image.title": title}})
+    with AuthUpstream(service="evil") as evil:
+        evil.no_auth = True
+        # A tag whose HEAD names the private manifest; evil never has its bytes.
+        evil.repo("evil/x").tags["1"] = image.digest
+        evil.repo("evil/x").content.add(image.digest)
+        evil.manifests[image.digest] = ("application/vnd.oci.image.manifest.v1+json", b"{}")
+        # A manifest evil really serves, whose config and layers are the private ones.
+        wrapper = json.dumps({
+            "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                       "digest": image.config, "size": len(fake.blobs[image.config])},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                        "digest": image.layers[0],
+                        "size": len(fake.blobs[image.layers[0]])}]}).encode()
+        evil.put_manifest("evil/y", "1", wrapper)
+        upstreams = (Upstream("fake", fake.url), Upstream("evil", evil.url))
+
+        async def scenario() -> None:
+            async with running(settings(tmp_path, *upstreams)) as mirror:
+                assert set((await pull(mirror, "alice", SECRET, "1.0")).values()) == {200}
+                anonymous = mirror.caller(None, "evil")
+                assert (await anonymous.request(
+                    "HEAD", "/v2/evil/evil/x/manifests/1")).status_code == 200
+                assert (await anonymous.get("/v2/evil/evil/y/manifests/1")).status_code == 200
+                pages = ["/ui/evil/evil/x", "/ui/evil/evil/x:1",
+                         f"/ui/evil/evil/x@{image.digest}", "/ui/evil/evil/y",
+                         "/ui/evil/evil/y:1"]
+                for path in pages:
+                    page = await mirror.http.get(path)
+                    assert title not in page.text, path
+                    assert "linux/amd64" not in page.text, path  # the private config's
+                    assert image.config not in page.text or path.endswith("y:1"), path
+
+        asyncio.run(scenario())
