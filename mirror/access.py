@@ -14,7 +14,8 @@ C the caller; facts live in the metadata store, shared by every worker and repli
    decides when in doubt), or D is a descriptor that a manifest of R which U holds defines
    and registries validate on push: the config and layers of an image manifest (not
    foreign layers, which carry `urls`), the manifests of an index. Unknown fields, `subject`,
-   artifact `blobs` and foreign layers link nothing; a push links nothing.
+   artifact `blobs` and foreign layers link nothing, nor does a document without a
+   `mediaType` of its own that has fields of two kinds; a push links nothing.
 3. C may read R when U answered C's own credential with a 200 for R within `access_ttl`
    (a *grant*). An anonymous caller's grant rests on an anonymous probe: no credential at
    all, not even the mirror's own account (unless the upstream sets `expose_private`: then
@@ -65,6 +66,8 @@ FOREIGN_LAYERS = frozenset((
     "application/vnd.oci.image.layer.nondistributable.v1.tar",
     "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
     "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd"))
+# The fields that name descriptors, by kind of manifest (index, image, schema 1).
+KINDS = (("manifests",), ("config", "layers"), ("fsLayers",))
 # Failures that mean "the upstream cannot answer now", as opposed to an answer.
 OUTAGE = (errors.UpstreamError, errors.Unavailable, errors.TooManyRequests)
 
@@ -88,6 +91,11 @@ def linked_descriptors(data: bytes, media_type: str) -> list[str]:
     declared = doc.get("mediaType")
     if isinstance(declared, str) and declared and declared != media_type:
         return []  # a document that contradicts its own type: link nothing
+    if not declared and sum(any(key in doc for key in keys) for keys in KINDS) > 1:
+        # Fields of two kinds and no type of its own: which of them a registry validated
+        # depends on the type it was pushed as, and the type we keep per digest may be
+        # another upstream's (or pusher's) word. Link nothing.
+        return []
     if media_type in INDEX_TYPES:
         return _digests(doc.get("manifests"), "digest")
     if media_type in IMAGE_TYPES:

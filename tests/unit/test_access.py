@@ -397,3 +397,79 @@ def test_the_cache_browser_shows_only_content_its_upstream_delivered(
                     assert image.config not in page.text or path.endswith("y:1"), path
 
         asyncio.run(scenario())
+
+
+# -- 9. a media type learnt elsewhere turning a manifest's unvalidated field into links ------
+
+
+def test_a_media_type_from_elsewhere_links_nothing_unvalidated(
+    fake: AuthUpstream, tmp_path: Path
+) -> None:
+    """Rule 2: a document without a `mediaType` of its own is linked by the type its bytes
+    were served with, which the cache keeps once per digest, whoever delivered or pushed
+    them last. A document that has fields of two kinds (an image's config and layers and
+    an index's manifests) links only what every reading validates: nothing beyond itself."""
+    image = secret_image(fake)
+    with AuthUpstream(service="open") as open_upstream:
+        open_upstream.no_auth = True
+        upstreams = (Upstream("fake", fake.url), Upstream("open", open_upstream.url,
+                                                          client_credentials=True))
+        config = b'{"architecture":"amd64","os":"linux"}'
+        fake.add_blob("bob/pub", config)
+        # No mediaType: as an image manifest (how bob pushes it to fake, which validates
+        # config and layers) the `manifests` field is unknown and unvalidated.
+        ambiguous = json.dumps({
+            "schemaVersion": 2,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                       "digest": digest_of(config), "size": len(config)},
+            "layers": [],
+            "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                           "digest": image.digest, "size": len(image.manifest)}]}).encode()
+
+        async def scenario() -> None:
+            async with running(settings(tmp_path, *upstreams)) as mirror:
+                assert set((await pull(mirror, "alice", SECRET, "1.0")).values()) == {200}
+                bob = mirror.caller("bob")
+                pushed = await bob.request(
+                    "PUT", "/v2/bob/pub/manifests/1", content=ambiguous,
+                    headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"})
+                assert pushed.status_code == 201, pushed.text
+                # The same bytes pushed to an upstream that takes anything, as an index.
+                eve = mirror.caller("bob", "open")  # made-up credentials: it takes anything
+                eve.tokens["open"] = (await mirror.http.get(
+                    "/token", params={"service": "open"},
+                    headers={"Authorization": basic("eve", "made-up")})).json()["token"]
+                again = await eve.request(
+                    "PUT", "/v2/open/eve/z/manifests/1", content=ambiguous,
+                    headers={"Content-Type": "application/vnd.oci.image.index.v1+json"})
+                assert again.status_code == 201, again.text
+                anonymous = mirror.caller()
+                got = await anonymous.get("/v2/bob/pub/manifests/1")
+                assert got.status_code == 200 and got.content == ambiguous
+                stolen = await anonymous.get(f"/v2/bob/pub/manifests/{image.digest}")
+                assert stolen.status_code != 200 and not leaked(stolen.content, image, fake)
+                await fish(mirror, None, image, fake, ["bob/pub"])
+
+        asyncio.run(scenario())
+
+
+def test_a_document_of_two_kinds_links_nothing_without_its_own_media_type() -> None:
+    from mirror.access import linked_descriptors
+
+    config, layer, child = ("sha256:" + c * 64 for c in "c1d")
+    both = json.dumps({"config": {"digest": config}, "layers": [{"digest": layer}],
+                       "manifests": [{"digest": child}]}).encode()
+    for media_type in ("application/vnd.oci.image.manifest.v1+json",
+                       "application/vnd.oci.image.index.v1+json",
+                       "application/vnd.docker.distribution.manifest.v1+json"):
+        assert linked_descriptors(both, media_type) == [], media_type
+    schema1 = json.dumps({"schemaVersion": 1, "fsLayers": [{"blobSum": layer}],
+                          "layers": [{"digest": child}]}).encode()
+    assert linked_descriptors(
+        schema1, "application/vnd.docker.distribution.manifest.v1+prettyjws") == []
+    # One kind only, without a mediaType of its own: linked as before.
+    image = json.dumps({"config": {"digest": config}, "layers": [{"digest": layer}]}).encode()
+    assert linked_descriptors(image, "application/vnd.oci.image.manifest.v1+json") == [
+        config, layer]
+    index = json.dumps({"manifests": [{"digest": child}]}).encode()
+    assert linked_descriptors(index, "application/vnd.oci.image.index.v1+json") == [child]
