@@ -2,7 +2,8 @@
 the whole cluster, every client streaming from the first byte.
 
 A replica that starts a fill claims it in the metadata store: lock `fill:<digest>`, owned by
-`<its address>|<a random id>`, with a lease its heartbeat renews while the fill runs.
+`<its address>|<a random id>|<the upstream it downloads from>`, with a lease its heartbeat
+renews while the fill runs.
 Clients of other replicas stream the fill in progress from the owner, over the internal
 route `/_mirror/fills/<digest>` (`mirror.routes_internal`), authenticated by a MAC under the
 installation secret that every replica reads from the metadata store: no setting is needed
@@ -24,6 +25,7 @@ import secrets
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -56,6 +58,15 @@ def advertised(listen_host: str, listen_port: int, redis_url: str, tls: bool) ->
     if ":" in host:
         host = f"[{host}]"
     return f"{'https' if tls else 'http'}://{host}:{listen_port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Holder:
+    """Another replica running a fill: where to reach it, and the upstream it downloads
+    from ("" when its claim does not say: a replica of an older version)."""
+
+    address: str
+    upstream: str
 
 
 class Claim:
@@ -103,16 +114,17 @@ class Cluster:
 
     # -- claims ----------------------------------------------------------------------------
 
-    async def claim(self, digest: Digest) -> Claim | str:
-        """Our claim on filling `digest`, or the base URL of the replica that has it."""
+    async def claim(self, digest: Digest, upstream: str = "") -> Claim | Holder:
+        """Our claim on filling `digest` from `upstream`, or the replica that has it."""
         name = f"fill:{digest}"
-        owner = f"{self.address}|{secrets.token_hex(8)}"
+        owner = f"{self.address}|{secrets.token_hex(8)}|{upstream}"
         for _ in range(3):
             if await self.metadata.acquire(name, owner, self.lease):
                 return Claim(self.metadata, name, owner, self.lease)
             holder = await self.metadata.holder(name)
             if holder is not None:
-                return holder.partition("|")[0]
+                address, _, rest = holder.partition("|")
+                return Holder(address, rest.partition("|")[2])
         raise UpstreamError(f"could not claim or find the download of {digest}")
 
     # -- authentication between replicas ---------------------------------------------------

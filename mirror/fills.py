@@ -34,6 +34,7 @@ from mirror.upstream import BodyBroken, Streamed
 
 if TYPE_CHECKING:
     from mirror.cluster import Cluster
+from mirror.cluster import Holder
 from mirror.locks import FillLock, lock_is_held
 from mirror.readers import Fill, LocalReader, Reader, RemoteReader
 from mirror.reference import Digest
@@ -97,10 +98,13 @@ class Fills:
                         continue
                     claim = None
                     if self.cluster is not None:  # one download for the whole cluster
-                        claimed = await self.cluster.claim(digest)
-                        if isinstance(claimed, str):  # another replica downloads it
+                        claimed = await self.cluster.claim(digest, upstream)
+                        if isinstance(claimed, Holder):  # another replica downloads it
                             lock.release()
-                            reader = await self.cluster.follow(claimed, digest)
+                            if not cached and claimed.upstream != upstream:
+                                # From another upstream: not bytes this read may have.
+                                return await self._own(digest, fetch, upstream, expected)
+                            reader = await self.cluster.follow(claimed.address, digest)
                             self._joined()
                             self._count("miss")
                             return reader
