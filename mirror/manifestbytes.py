@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import cachetools
 
@@ -147,12 +147,18 @@ class ManifestBytes:
                 f"upstream {client.name}: {what} does not match its digest; not cached")
         media_type = media_type_of(data, response.headers.get("content-type"))
         manifest = Manifest(ManifestInfo(digest, media_type, len(data)), data)
-        await self._keep(client.name, manifest)
-        return manifest
+        return await self._keep(client.name, manifest)
 
-    async def _keep(self, holder: str, manifest: Manifest) -> None:
-        """Store verified manifest bytes that `holder` delivered (or accepted)."""
+    async def _keep(self, holder: str, manifest: Manifest) -> Manifest:
+        """Store verified manifest bytes that `holder` delivered (or accepted). The media
+        type kept with them is one per digest, served through every upstream: the
+        document's own when it names one, else the first learnt (another upstream's, or a
+        pusher's, word never changes it). Returns the manifest as it is kept."""
         info = manifest.info
+        kept = declared_type(manifest.data) or await self.metadata.media_type(str(info.digest))
+        if kept and kept != info.media_type:
+            info = replace(info, media_type=kept)
+            manifest = Manifest(info, manifest.data)
         await self.metadata.add_manifest(str(info.digest), info.media_type,
                                          oci.named_digests(manifest.data))
         if await self.store.committed_size(info.digest) is None:
@@ -160,3 +166,14 @@ class ManifestBytes:
         else:
             await self.store.add_holder(holder, info.digest)
         self._hot[info.digest] = manifest
+        return manifest
+
+
+def declared_type(data: bytes) -> str:
+    """The media type a manifest names itself (its `mediaType`), or ""."""
+    try:
+        value = json.loads(data).get("mediaType")
+    except (ValueError, AttributeError):
+        return ""
+    return value if isinstance(value, str) and value.isascii() and value.isprintable() \
+        else ""

@@ -473,3 +473,41 @@ def test_a_document_of_two_kinds_links_nothing_without_its_own_media_type() -> N
         config, layer]
     index = json.dumps({"manifests": [{"digest": child}]}).encode()
     assert linked_descriptors(index, "application/vnd.oci.image.index.v1+json") == [child]
+
+
+def test_another_upstream_cannot_change_the_media_type_a_manifest_is_served_with(
+    fake: AuthUpstream, tmp_path: Path
+) -> None:
+    """The media type kept per digest is the document's own when it names one, and else
+    the first one learnt: a push of the same bytes elsewhere under another type does not
+    change what the upstream's callers get (a client refuses a manifest of the wrong type)."""
+    image = fake.add_image("public/app", "1", [b"public layer " * 100])
+    untyped = json.dumps({"schemaVersion": 2, "manifests": []}).encode()
+    fake.put_manifest("public/app", "2", untyped, "application/vnd.oci.image.index.v1+json")
+    with AuthUpstream(service="open") as open_upstream:
+        open_upstream.no_auth = True
+        upstreams = (Upstream("fake", fake.url), Upstream("open", open_upstream.url,
+                                                          client_credentials=True))
+
+        async def scenario() -> None:
+            async with running(settings(tmp_path, *upstreams)) as mirror:
+                anonymous = mirror.caller()
+                for tag in ("1", "2"):
+                    assert (await anonymous.get(f"/v2/public/app/manifests/{tag}")
+                            ).status_code == 200
+                eve = mirror.caller("bob", "open")  # made-up credentials: it takes anything
+                eve.tokens["open"] = (await mirror.http.get(
+                    "/token", params={"service": "open"},
+                    headers={"Authorization": basic("eve", "made-up")})).json()["token"]
+                for data in (image.manifest, untyped):
+                    pushed = await eve.request(
+                        "PUT", "/v2/open/eve/z/manifests/1", content=data,
+                        headers={"Content-Type": "application/vnd.docker.container.image.v1+json"})
+                    assert pushed.status_code == 201, pushed.text
+                for tag, media_type in (("1", "application/vnd.oci.image.manifest.v1+json"),
+                                        ("2", "application/vnd.oci.image.index.v1+json")):
+                    got = await anonymous.get(f"/v2/public/app/manifests/{tag}")
+                    assert got.status_code == 200
+                    assert got.headers["content-type"] == media_type, tag
+
+        asyncio.run(scenario())
