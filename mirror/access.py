@@ -25,8 +25,9 @@ C the caller; facts live in the metadata store, shared by every worker and repli
 4. C may read D under R when C may read R (3) and D is linked to R (2); the bytes come from
    the cache only when U holds D (1). When C may read R but D is not linked, or C has no
    grant, an upstream HEAD of D under R with C's credential decides.
-5. Offline, and while U cannot be reached (connection errors, timeouts, 5xx, 429), a grant
-   of any age counts, for the caller it was made for: content fetched with credentials
+5. Offline, and while U cannot be reached (connection errors, timeouts, 5xx; not a 429,
+   which a caller can bring on itself), a grant of any age counts, for the caller it was
+   made for: content fetched with credentials
    stays private to the callers who proved access before. Rules 1, 2 and 4 hold
    unchanged. Identities are MACs of credentials (`mirror.identity`), never credentials.
 6. Credentials are bound to one upstream: a token we minted names its upstream and is
@@ -68,8 +69,10 @@ FOREIGN_LAYERS = frozenset((
     "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd"))
 # The fields that name descriptors, by kind of manifest (index, image, schema 1).
 KINDS = (("manifests",), ("config", "layers"), ("fsLayers",))
-# Failures that mean "the upstream cannot answer now", as opposed to an answer.
-OUTAGE = (errors.UpstreamError, errors.Unavailable, errors.TooManyRequests)
+# Failures that mean "the upstream cannot answer now", as opposed to an answer. A 429 is
+# not one for access: rate limits are often per account, so a caller could bring one on
+# for its own credential to have its old grants count again.
+OUTAGE = (errors.UpstreamError, errors.Unavailable)
 
 
 @dataclass(frozen=True, slots=True)

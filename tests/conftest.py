@@ -17,6 +17,9 @@ from support.images import ImageInfo, seed, skopeo, skopeo_copy_to_dir
 from support.procs import MirrorProc
 from support.registry import Registry, TokenIssuer, Upstream
 
+from mirror.metadata import SqliteMetadata, database_path
+from mirror.store import Store
+
 __all__ = [
     "ImageInfo", "MirrorProc", "StartMirror", "Upstream", "ceph", "containerd",
     "containerd_session", "dockerd_factory", "redis_server", "redis_url", "s3_bucket", "skopeo",
@@ -85,3 +88,18 @@ def start_mirror(
     if report is not None and report.failed:
         for mirror in mirrors:  # shown under "Captured stdout teardown"
             print(f"--- {mirror.url} log ({mirror.log_dir}) ---\n{mirror.log_text()[-20000:]}")
+
+
+@pytest.fixture
+def metadata(tmp_path: Path) -> Iterator[SqliteMetadata]:
+    """A fresh embedded metadata store (for unit tests of the parts that use one)."""
+    store = SqliteMetadata(database_path(tmp_path / "cache"))
+    store.open_sync()
+    yield store
+    store.close_sync()
+
+
+@pytest.fixture
+def store(tmp_path: Path, metadata: SqliteMetadata) -> Store:
+    """A store over `metadata`, in a fresh cache directory."""
+    return Store(tmp_path / "cache", metadata)

@@ -148,11 +148,20 @@ class Visitors:
         return caller.identity != ANONYMOUS_CALLER.identity and await self.access.granted(
             client, repo, ANONYMOUS_CALLER, lasting=True)
 
+    async def current(self, client: UpstreamClient, repo: str, caller: Caller) -> bool:
+        """Access as a pull has it now: proven within access_ttl (offline: any age), by
+        the caller or by an anonymous probe."""
+        if await self.access.granted(client, repo, caller):
+            return True
+        return caller.identity != ANONYMOUS_CALLER.identity and await self.access.granted(
+            client, repo, ANONYMOUS_CALLER)
+
     async def prove(self, client: UpstreamClient, repo: str, caller: Caller,
                     digest: str) -> bool:
-        """A signed-in visitor's access to `digest` under `repo`, asked as a pull asks."""
+        """The visitor's access to `digest` under `repo`, asked as a pull asks (an anonymous
+        visitor's with no credential at all)."""
         key = (client.name, repo, caller.identity)
-        if caller.anonymous or client.offline or key in self._refused:
+        if client.offline or key in self._refused:
             return False
         try:
             await self.access.authorize_digest(client, repo, caller, parse_digest(digest),
@@ -164,14 +173,16 @@ class Visitors:
 
     async def may_see_repo(self, client: UpstreamClient, repo: str, caller: Caller,
                            digest: str | None) -> bool:
-        """The repository's page; `digest` one of its images, for a proof."""
-        if await self.listed(client, repo, caller):
+        """The repository's page (its tags and what they hold): access as a pull needs it,
+        not a listing's names-only grant of any age; `digest` one of its images, for a
+        proof when the grant is stale."""
+        if await self.current(client, repo, caller):
             return True
         return digest is not None and await self.prove(client, repo, caller, digest)
 
     async def may_see_image(self, client: UpstreamClient, repo: str, caller: Caller,
                             digest: str) -> bool:
-        if (await self.listed(client, repo, caller)
+        if (await self.current(client, repo, caller)
                 and await self.access.metadata.linked(client.name, repo, digest)):
             return True
         return await self.prove(client, repo, caller, digest)
