@@ -6,9 +6,14 @@ and migrated forward at open (`MIGRATIONS`); a cache written by the release befo
 schema existed (a diskcache index under `index/`) is imported once (`mirror.metadata.legacy`).
 
 Calls run on the caller's thread: each is a few microseconds (an indexed point read ~5 us,
-a write ~25 us here), cheaper than a hop to another thread. Writes that only remember what
-an upstream said are skipped with a warning when the disk is full: each one missing fails
-safe (a tag is resolved again, access is probed again).
+a write ~25 us here), cheaper than a hop to another thread. Checkpoints, which copy the WAL
+back into the database and fsync it (milliseconds, tens of them on a big database), run on a
+thread of each store (`Checkpointer`, with a connection of its own) after every
+`CHECKPOINT_WRITES` writes, so a write on the event loop seldom waits for a disk flush; a
+commit checkpoints itself only when the WAL passes `WAL_LIMIT_PAGES` (what the thread has
+not copied yet: little), which bounds the WAL under any load.
+Writes that only remember what an upstream said are skipped with a warning when the disk is
+full: each one missing fails safe (a tag is resolved again, access is probed again).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import logging
 import os
 import secrets
 import sqlite3
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -41,6 +47,15 @@ T = TypeVar("T")
 
 FILE_NAME = "metadata.db"
 BUSY_TIMEOUT_MS = 30_000  # another worker's write transaction: wait, do not fail
+# Writes of a store between two checkpoints of its thread (~5 WAL pages each: about SQLite's
+# own default of 1,000 pages), and the longest a write waits for its checkpoint.
+CHECKPOINT_WRITES = 200
+CHECKPOINT_INTERVAL = 1.0
+# The WAL's bound, in pages (4 KiB): the WAL starts again from its beginning only once all of
+# it is copied, which the thread's checkpoints, running while writes go on, may never catch
+# up with under a steady stream of writes; past this many pages a commit checkpoints (the
+# rest) itself, as SQLite's automatic checkpoint does, and the WAL starts again.
+WAL_LIMIT_PAGES = 10_000
 
 # Schema version N is reached by running MIGRATIONS[N - 1]; append, never edit.
 MIGRATIONS: tuple[str, ...] = (
@@ -102,12 +117,77 @@ def accept_text(accept: AcceptKey | None) -> str:
     return "-" if accept is None else ",".join(accept)
 
 
+class Checkpointer:
+    """Checkpoints the WAL from a thread of its own, on a connection of its own.
+
+    A checkpoint copies the WAL's pages into the database and fsyncs both: on a big
+    database, whose pages are scattered, tens of milliseconds that would stall every request
+    of the process if a write on the event loop ran it (SQLite's automatic checkpoint does,
+    in the commit that crosses its threshold). `wrote()` counts writes; every
+    `CHECKPOINT_WRITES` of them (or `CHECKPOINT_INTERVAL` seconds after one) the thread runs
+    PASSIVE checkpoints, which neither wait for nor block readers and writers, until the WAL
+    is all copied (a few passes at most: writes go on meanwhile); the next write then starts
+    the WAL again from its beginning. Another process's checkpoint running at the time just
+    makes it skip a turn.
+    """
+
+    PASSES = 3
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.checkpoints = 0
+        self._writes = 1  # one checkpoint soon after opening: a WAL a migration (or an
+        # earlier run) left
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="mirror-sqlite-checkpoint",
+                                        daemon=True)
+        self._thread.start()
+
+    def wrote(self) -> None:
+        self._writes += 1
+        if self._writes >= CHECKPOINT_WRITES:
+            self._wake.set()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        db: sqlite3.Connection | None = None
+        try:
+            while not self._stopping:
+                self._wake.wait(CHECKPOINT_INTERVAL)
+                self._wake.clear()
+                if self._stopping or not self._writes:
+                    continue
+                self._writes = 0
+                try:
+                    if db is None:
+                        db = sqlite3.connect(self.path, isolation_level=None,
+                                             check_same_thread=False)
+                        db.execute("PRAGMA synchronous = NORMAL")
+                    for _ in range(self.PASSES):
+                        busy, frames, copied = db.execute(
+                            "PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                        if busy or copied >= frames:
+                            break
+                    self.checkpoints += 1
+                except Exception as exc:  # e.g. a full disk: the WAL waits for the next one
+                    log.debug("checkpoint of %s failed: %s", self.path, exc)
+        finally:
+            if db is not None:
+                db.close()
+
+
 class SqliteMetadata(Metadata):
     def __init__(self, path: Path, legacy_root: Path | None = None) -> None:
         """`legacy_root`: a cache directory whose previous-release index to import once."""
         self.path = path
         self.legacy_root = legacy_root
         self._db: sqlite3.Connection | None = None
+        self._checkpointer: Checkpointer | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -124,8 +204,11 @@ class SqliteMetadata(Metadata):
         with contextlib.suppress(sqlite3.OperationalError):  # a read-only medium keeps its mode
             db.execute("PRAGMA journal_mode = WAL")
         db.execute("PRAGMA synchronous = NORMAL")
+        # Checkpoints are the Checkpointer's; a commit runs one only past the WAL's bound.
+        db.execute(f"PRAGMA wal_autocheckpoint = {WAL_LIMIT_PAGES}")
         self._db = db
         self._migrate()
+        self._checkpointer = Checkpointer(self.path)
 
     def _migrate(self) -> None:
         db = self.db
@@ -166,8 +249,11 @@ class SqliteMetadata(Metadata):
         self.close_sync()
 
     def close_sync(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
+            self._checkpointer = None
         if self._db is not None:
-            self._db.close()
+            self._db.close()  # the last connection to close checkpoints what is left
             self._db = None
 
     async def ping(self) -> bool:
@@ -213,6 +299,8 @@ class SqliteMetadata(Metadata):
                 with contextlib.suppress(sqlite3.Error):
                     db.execute("ROLLBACK")
                 raise
+            if self._checkpointer is not None:
+                self._checkpointer.wrote()
         except sqlite3.OperationalError as exc:
             if "full" in str(exc):
                 log.warning("cache disk full: %s not recorded", what)
