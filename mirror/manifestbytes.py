@@ -14,7 +14,7 @@ import cachetools
 
 from mirror import errors, oci
 from mirror.flight import SingleFlight, exclusive
-from mirror.mediatypes import ACCEPT_ALL, MAX_MANIFEST, media_type_of
+from mirror.mediatypes import ACCEPT_ALL, MAX_MANIFEST, media_type_of, shared
 from mirror.metadata import Metadata, TagRecord
 from mirror.metrics import Metrics
 from mirror.reference import Digest, parse_digest
@@ -33,7 +33,17 @@ class ManifestInfo:
 
     @classmethod
     def of(cls, record: TagRecord, stale: str = "") -> ManifestInfo:
-        return cls(parse_digest(record.digest), record.media_type, record.size, stale)
+        return cls.compact(parse_digest(record.digest), record.media_type, record.size, stale)
+
+    @classmethod
+    def compact(cls, digest: Digest, media_type: str, size: int,
+                stale: str = "") -> ManifestInfo:
+        """An instance whose algorithm and media type are shared strings (it may be one of
+        the tag cache's many entries)."""
+        algorithm = shared(digest.algorithm)
+        if algorithm is not digest.algorithm:
+            digest = Digest(algorithm, digest.hex)
+        return cls(digest, shared(media_type), size, stale)
 
 
 @dataclass(frozen=True, slots=True)

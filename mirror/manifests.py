@@ -238,7 +238,7 @@ class ManifestService(ManifestBytes):
                     f"upstream {client.name} sent a bad digest for {what}") from exc
             media_type = (response.headers.get("content-type") or "").split(";")[0].strip()
             if media_type and length.isascii() and length.isdigit() and media_type.isascii():
-                return ManifestInfo(digest, media_type, int(length))
+                return ManifestInfo.compact(digest, media_type, int(length))
         elif response.status_code != 200:
             raise upstream_error(response, client.name, errors.ManifestUnknown, what)
         # No usable HEAD answer: GET the manifest and learn its digest from the bytes.

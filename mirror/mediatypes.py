@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from mirror.metadata import AcceptKey
+from mirror.reference import ALGORITHMS
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
@@ -24,10 +25,27 @@ ACCEPT_KEPT = frozenset((*MANIFEST_TYPES, "application/vnd.oci.artifact.manifest
                          "application/json", "application/*", "*/*"))
 
 
+# The tag cache keeps up to `tag_cache_entries` resolutions per upstream; each entry holds
+# its own repository and tag only: Accept sets, media types and digest algorithms are shared
+# objects (one tuple per Accept set: at most 2 ** len(ACCEPT_KEPT), bounded by construction).
+_SHARED = {text: text for text in (*ACCEPT_KEPT, *ALGORITHMS)}
+_ACCEPT_KEYS: dict[frozenset[str], AcceptKey] = {}
+
+
+def shared(text: str) -> str:
+    """The one str object of a known media type or algorithm (others as they are)."""
+    return _SHARED.get(text, text)
+
+
 def accept_key(headers: list[str]) -> AcceptKey:
-    """The set of media types a client accepts, normalised (order, params, case dropped)."""
+    """The set of media types a client accepts, normalised (order, params, case dropped).
+    Equal sets give the same tuple object, of shared strings."""
     types = {part.split(";")[0].strip().lower() for h in headers for part in h.split(",")}
-    return tuple(sorted(types & ACCEPT_KEPT))
+    kept = frozenset(types & ACCEPT_KEPT)
+    key = _ACCEPT_KEYS.get(kept)
+    if key is None:
+        key = _ACCEPT_KEYS[kept] = tuple(sorted(_SHARED[t] for t in kept))
+    return key
 
 
 def media_type_of(data: bytes, content_type: str | None) -> str:

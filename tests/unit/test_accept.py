@@ -6,7 +6,10 @@ import json
 
 import pytest
 
+from mirror import mediatypes
+from mirror.manifestbytes import ManifestInfo
 from mirror.manifests import (
+    ACCEPT_KEPT,
     DOCKER_LIST,
     DOCKER_MANIFEST,
     OCI_INDEX,
@@ -15,6 +18,36 @@ from mirror.manifests import (
     accept_key,
     media_type_of,
 )
+from mirror.metadata import TagRecord
+
+def test_accept_key_is_one_shared_tuple_per_set() -> None:
+    """The tag cache keeps up to 100,000 keys per upstream: equal Accept sets, however a
+    client spells them, are one tuple of the module's own strings, not copies per request."""
+    one = accept_key([f"{OCI_MANIFEST}, {DOCKER_MANIFEST}"])
+    other = accept_key([f" {DOCKER_MANIFEST.upper()};q=0.9", f"{OCI_MANIFEST}"])
+    assert one is other
+    assert one[0] is DOCKER_MANIFEST and one[1] is OCI_MANIFEST
+    # Junk never reaches the key, so the shared tuples stay bounded by construction.
+    for n in range(1000):
+        assert accept_key([f"application/x-{n}", "text/plain"]) is accept_key([])
+    assert len(mediatypes._ACCEPT_KEYS) <= 2 ** len(ACCEPT_KEPT)
+
+
+def test_cached_resolutions_share_media_type_and_algorithm() -> None:
+    """A resolution read back from the metadata store holds the module's media type and
+    algorithm strings (one object each, whatever the cache holds), not the row's copies."""
+    row_type = "".join(list(OCI_MANIFEST))  # a string equal to, but not, the constant
+    assert row_type is not OCI_MANIFEST
+    infos = [ManifestInfo.of(TagRecord("up", "repo", f"t{n}", f"sha256:{n:064x}", row_type,
+                                       10, 0.0)) for n in range(2)]
+    for info in infos:
+        assert info.media_type is OCI_MANIFEST
+        assert info.digest.algorithm is infos[0].digest.algorithm
+    assert str(infos[1].digest) == f"sha256:{1:064x}"
+    odd = "application/vnd.example+json"
+    assert ManifestInfo.of(TagRecord("up", "r", "t", f"sha256:{0:064x}", odd, 1, 0.0)) \
+        .media_type == odd
+
 
 # -- accept_key -----------------------------------------------------------------------------
 
