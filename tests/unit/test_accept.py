@@ -20,6 +20,7 @@ from mirror.manifests import (
 )
 from mirror.metadata import TagRecord
 
+
 def test_accept_key_is_one_shared_tuple_per_set() -> None:
     """The tag cache keeps up to 100,000 keys per upstream: equal Accept sets, however a
     client spells them, are one tuple of the module's own strings, not copies per request."""

@@ -22,8 +22,10 @@ from mirror.metadata.sqlite import SqliteMetadata
 ACCEPT = ("application/vnd.oci.image.index.v1+json",
           "application/vnd.oci.image.manifest.v1+json")
 # Plan lines that scan, and why each is fine: a constant row, the recursive CTE's own queue
-# (one row per upstream name) and the single-row totals table.
-ALLOWED_SCANS = {"SCAN CONSTANT ROW", "SCAN names", "SCAN totals"}
+# (one row per upstream name), the single-row totals table, and the most pulled tags walked
+# in the order of their index, which stops at LIMIT + OFFSET rows (the page the browser asks).
+ALLOWED_SCANS = {"SCAN CONSTANT ROW", "SCAN names", "SCAN totals",
+                 "SCAN pulls USING COVERING INDEX pulls_by_count"}
 
 
 def digest(n: int) -> str:
@@ -82,6 +84,7 @@ async def exercise(meta: Metadata) -> set[str]:
     await call("children", digest(1))
     await call("parents", digest(200))
     await call("content", digest(1))
+    await call("contents", [digest(1), digest(2), digest(99)])
     await call("totals")
     await call("oldest", 100.0)
     await call("iter_content")
@@ -96,6 +99,9 @@ async def exercise(meta: Metadata) -> set[str]:
     await call("tagged", "docker.io", "r1", digest(1))
     await call("tags_naming", "docker.io", "r1", digest(1))
     await call("named", digest(1))
+    await call("add_pulls", {("docker.io", "r1", "t1"): 3, ("docker.io", "r0", "t0"): 1})
+    await call("pulls", "docker.io", "r1", ["t1", "t3"])
+    await call("most_pulled", 2, 0)
     await call("ref", "docker.io", "r1", digest(1))
     await call("iter_refs")
     await call("set_pushed", "docker.io", "r1", "t1", 5.0)
