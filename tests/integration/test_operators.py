@@ -295,7 +295,8 @@ def test_a_pinned_image_survives_an_eviction_pass(
     wait_until("an eviction pass",
                lambda: evicted(single) and not blob_path(cache, layer).exists())
     assert all(blob_path(cache, d).exists() for d in kept), "the pinned image stays"
-    assert "evicted" in mirror.log_text()
+    # The pass logs its summary after its removals: wait for the line, not only the files.
+    wait_until("the eviction pass's log line", lambda: "evicted" in mirror.log_text())
 
     unpinned = mirror_cli("cache", "unpin", small.ref, "--cache-dir", str(cache))
     assert unpinned.returncode == 0, unpinned.stderr
