@@ -151,7 +151,7 @@ class Settings:
     negative_cache_entries: int = 10_000
     manifest_cache_bytes: int = 64 * 2**20
     token_cache_entries: int = 10_000
-    link_cache_entries: int = 100_000
+    link_cache_entries: int = 20_000
     # One JSON line per content request: a file ("-": stderr; "": off).
     audit_log: str = ""
     # Bearer token of the HTTP admin API ("": no admin API).
