@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import hashlib
 import logging
 import os
@@ -46,8 +47,9 @@ from mirror.readers import Fill
 from mirror.store import CHUNK, DISK_FULL
 from mirror.upstream import BodyBroken, SocketBody, Streamed
 
-BUFFER = CHUNK  # 1 MiB: read, hash and write in one reused buffer; readers woken per buffer
-FLUSH_INTERVAL = 0.05  # wake readers of a slow download at least this often
+BUFFER = CHUNK  # 1 MiB: read, hash and write in one reused buffer
+WAKE_EVERY = 4 * CHUNK  # readers are woken when this much more landed (spans this long)
+FLUSH_INTERVAL = 0.05  # and at least this often (slow downloads)
 UPLOAD_AHEAD = 8  # buffers queued for the object store before the thread waits for it
 RESUMES = 3  # a broken download is resumed this many times before the fill gives up
 log = logging.getLogger("mirror.fills")
@@ -86,6 +88,7 @@ class Pump:
         self.hasher = hashlib.new(fill.digest.algorithm)
         self.response: Streamed | None = None
         self.uploader = _Uploader(fill.upload, self) if fill.upload is not None else None
+        self.unannounced = 0  # bytes landed since the readers were last woken
         self._stopping = False
 
     # -- on the event loop ------------------------------------------------------------------
@@ -151,8 +154,7 @@ class Pump:
         cap = fill.size if fill.size is not None else self.max_size
         source = self._source(self.response)
         received = skip = resumes = filled = 0
-        handed = time.monotonic()
-        first = True
+        woken = time.monotonic()
         while True:
             broken: Exception | None = None
             try:
@@ -172,14 +174,20 @@ class Pump:
                     filled += n
                     received += n
                     now = time.monotonic()
-                    if filled == len(buffer) or first or now - handed >= FLUSH_INTERVAL:
+                    first = received == n  # the first bytes go to the readers at once
+                    if filled == len(buffer) or first or now - woken >= FLUSH_INTERVAL:
                         self._hand_off(buffer[:filled])
-                        filled, handed, first = 0, now, False
+                        filled = 0
+                        if (first or now - woken >= FLUSH_INTERVAL
+                                or self.unannounced >= WAKE_EVERY):
+                            self._wake_readers()
+                            woken = now
             except (httpx.TransportError, BodyBroken, UpstreamTimeout) as exc:
                 broken = exc  # reset, truncated, stalled
             if filled:
                 self._hand_off(buffer[:filled])
                 filled = 0
+            self._wake_readers()
             if self._stopping:
                 raise _Stopped
             if received > cap or fill.size is None or received >= fill.size:
@@ -232,12 +240,17 @@ class Pump:
             self.loop.call_soon_threadsafe(self._wake)  # relayed: readers make room for more
 
     def _hand_off(self, batch: memoryview) -> None:
-        """A buffer's worth landed: feed the upload, count it, wake the readers."""
+        """A buffer's worth landed: feed the upload, count it."""
         if self.uploader is not None and self.fill.relay is None:
             self.uploader.put(bytes(batch))
         if self.metrics is not None:
             self.metrics.upstream_bytes.labels(self.fill.upstream).inc(len(batch))
-        self.loop.call_soon_threadsafe(self._wake)
+        self.unannounced += len(batch)
+
+    def _wake_readers(self) -> None:
+        if self.unannounced:
+            self.unannounced = 0
+            self.loop.call_soon_threadsafe(self._wake)
 
 
 class _AsyncChunks:
@@ -304,6 +317,28 @@ class _Uploader:
 
     def cancel(self) -> None:
         self.task.cancel()
+
+
+def reserve(fd: int, size: int) -> None:
+    """Allocate the partial's blocks up front, its length unchanged (readers in other workers
+    go by it): the filesystem then has no block to reserve per page written, a sixth of
+    the cost of writing here (ext4). Where that cannot be done (another filesystem, too
+    little room), writes allocate as they go, as usual."""
+    if _fallocate is None:
+        return
+    if _fallocate(fd, FALLOC_FL_KEEP_SIZE, ctypes.c_int64(0), ctypes.c_int64(size)) != 0:
+        log.debug("no room reserved for a partial: %s", os.strerror(ctypes.get_errno()))
+
+
+def _libc_fallocate() -> Any:
+    try:
+        return ctypes.CDLL(None, use_errno=True).fallocate
+    except (OSError, AttributeError):
+        return None
+
+
+FALLOC_FL_KEEP_SIZE = 1
+_fallocate = _libc_fallocate()
 
 
 def _write(fd: int, data: memoryview) -> int:

@@ -128,6 +128,8 @@ class SocketBody:
         self.url = url
         self._left = response.length  # None: chunked, or up to the end of the connection
         self._file = response.fp  # buffered over the socket: may hold the body's first bytes
+        self._sock = conn.sock
+        self._direct = False  # nothing left in `_file`'s buffer: read the socket itself
         self._tls: tuple[ssl.SSLSocket, select.poll] | None = None
         if isinstance(conn.sock, ssl.SSLSocket):
             # TLS hands out one record (16 KiB) a read: take what is there already, too.
@@ -146,14 +148,19 @@ class SocketBody:
             if left is not None:
                 if len(view) > left:
                     view = view[:left]
-                n = self._file.readinto1(view)
+                if self._direct:
+                    n = self._sock.recv_into(view)
+                else:
+                    n = self._file.readinto1(view)
+                    self._direct = n < len(view)  # it had less than asked: its buffer is empty
                 if n == 0:
                     raise BodyBroken(f"download from upstream {self._upstream} broke: the "
                                      f"connection ended {left} bytes early")
                 if self._tls is not None:
                     sock, poll = self._tls
                     while n < len(view) and (sock.pending() or poll.poll(0)):
-                        more = self._file.readinto1(view[n:])
+                        more = sock.recv_into(view[n:]) if self._direct else \
+                            self._file.readinto1(view[n:])
                         if not more:
                             break
                         n += more
