@@ -27,7 +27,6 @@ cut, and `run` returns only once the thread has let go of the partial.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ctypes
 import hashlib
 import logging
@@ -103,8 +102,7 @@ class Pump:
                 await self.uploader.finish()
         except BaseException:
             self.stop()
-            with contextlib.suppress(BaseException):
-                await thread
+            await _joined(thread)  # it may write to the partial until it is done
             if self.uploader is not None:
                 self.uploader.cancel()
             raise
@@ -360,6 +358,20 @@ async def _run_sync(fn: Callable[..., None], *args: Any) -> None:
 
 def _log_resume(digest: str, received: int, why: str) -> None:
     log.info("resuming %s from byte %d (%s)", digest, received, why)
+
+
+async def _joined(thread: asyncio.Future[None]) -> None:
+    """Wait for a stopped thread to finish (it does, soon), cancelled or not."""
+    cancelled = False
+    while not thread.done():
+        try:
+            await asyncio.wait([thread])
+        except asyncio.CancelledError:
+            cancelled = True
+    if not thread.cancelled():
+        thread.exception()  # retrieved: the caller raises its own
+    if cancelled:
+        raise asyncio.CancelledError
 
 
 async def _awaited(work: Awaitable[T]) -> T:
