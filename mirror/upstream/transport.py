@@ -13,6 +13,7 @@ bodies through the proxies those sockets do not speak):
 from __future__ import annotations
 
 import base64
+import importlib
 import socket
 import ssl
 import urllib.request
@@ -184,18 +185,23 @@ class _Routing(httpx.AsyncBaseTransport):
     def __init__(self, transport: Transport) -> None:
         self.transport = transport
         self._inner: dict[tuple[str | None, bool], httpx.AsyncHTTPTransport] = {}
+        # Made now, not on the first request: it imports httpcore, and that anyio's asyncio
+        # backend, which took that request 60-90 ms (the first pull after a start).
+        self._for(transport.url)
+        importlib.import_module("anyio._backends._asyncio")
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        url = str(request.url)
+    def _for(self, url: str) -> httpx.AsyncHTTPTransport:
         proxy = self.transport.proxy_for(url)
-        upstream = origin(url) == origin(self.transport.url)
-        key = (proxy, upstream)
+        key = (proxy, origin(url) == origin(self.transport.url))
         inner = self._inner.get(key)
         if inner is None:
             inner = self._inner[key] = httpx.AsyncHTTPTransport(
                 proxy=proxy, verify=self.transport.tls_for(url),
                 limits=httpx.Limits(max_connections=LIMIT, max_keepalive_connections=KEEPALIVE))
-        return await inner.handle_async_request(request)
+        return inner
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        return await self._for(str(request.url)).handle_async_request(request)
 
     async def aclose(self) -> None:
         for inner in self._inner.values():
