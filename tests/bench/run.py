@@ -1523,6 +1523,16 @@ def report(cfg: Config, env: dict[str, str], res: Results, seconds: float) -> st
     return "\n".join(lines)
 
 
+def write_report(path: Path, text: str) -> None:
+    """Replace this benchmark's section of `path`; sections other benchmarks appended to it
+    (a first-level heading of their own, e.g. tests/bench/cluster.py's) stay."""
+    old = path.read_text() if path.exists() else ""
+    others = [i for i, line in enumerate(old.splitlines(keepends=True))
+              if line.startswith("# ") and not line.startswith("# mirror benchmark")]
+    kept = "".join(old.splitlines(keepends=True)[others[0]:]) if others else ""
+    path.write_text(text + ("\n" + kept if kept else ""))
+
+
 # -- main -----------------------------------------------------------------------------------
 
 
@@ -1586,7 +1596,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         env["load average at end"] = loadavg()
         text = report(cfg, env, bench.res, time.monotonic() - started)
-        args.output.write_text(text)
+        write_report(args.output, text)
         print("\n" + fmt_table(bench.res.rows, markdown=False) + "\n")
         for key in ("images", "phase_seconds"):
             bench.res.raw.pop(key, None)
