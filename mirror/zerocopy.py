@@ -4,11 +4,13 @@
 ASGI has no zero-copy body of its own; the spec's extension for it is
 `http.response.zerocopysend` (a message naming a file, an offset and a count). Our server
 protocol (`mirror.httpserver`) offers it on plain-HTTP connections; there `BlobResponse`
-sends each `Span` a reader hands out (a range of committed content, or of a fill's partial
-that is there to be sent) as one such message, and the kernel moves the bytes from the page
-cache to the socket. Without it (HTTPS, another server, tests) the same spans go out as
-ordinary body chunks (`Reader.chunks`). Bytes that are not in a file (a relay past a full
-disk, the object store, another replica) always go as chunks.
+sends each `Span` a reader hands out (a range of a fill's partial that is there to be sent)
+as one such message, and the kernel moves the bytes from the page cache to the socket. Without
+it (HTTPS, another server, tests) the same spans go out as ordinary body chunks, read inline.
+Everything else a reader hands out is bytes and goes as body chunks: views of committed
+content's mapping (written to the socket from the page cache: on loopback faster than
+sendfile, see `CommittedReader.part`), a relay's bytes past a full disk, the object store's,
+another replica's.
 """
 
 from __future__ import annotations
