@@ -11,7 +11,7 @@ from mirror.fills import Fills
 from mirror.readers import Reader
 from mirror.reference import Digest
 from mirror.store import Store
-from mirror.upstream import Body, Credential, UpstreamClient, upstream_error
+from mirror.upstream import Answer, Credential, UpstreamClient, upstream_error
 
 PRESIGNED_LIFETIME = 60.0  # seconds a redirect's URL works: enough to start the download
 
@@ -62,7 +62,7 @@ class BlobService:
     ) -> Reader:
         """A reader over the blob; the caller streams `reader.chunks(...)` (which closes it)."""
 
-        async def fetch(offset: int) -> Body:
+        async def fetch(offset: int) -> Answer:
             headers = {"Accept-Encoding": "identity"}
             if offset:
                 headers["Range"] = f"bytes={offset}-"

@@ -18,7 +18,7 @@ import httpx
 from mirror import errors, ratelimit
 from mirror.metrics import Metrics
 from mirror.settings import Settings, Upstream
-from mirror.upstream.download import Body, Downloader
+from mirror.upstream.download import Answer, Downloader
 from mirror.upstream.redirects import MAX_REDIRECTS, REDIRECTS, follow, origin
 from mirror.upstream.tokens import (
     Challenge,
@@ -119,12 +119,12 @@ class UpstreamClient:
     async def get_blob(
         self, path: str, *, repo: str, headers: dict[str, str],
         credential: Credential | None = None,
-    ) -> Body:
-        """GET a blob for streaming through aiohttp (see `mirror.download`)."""
+    ) -> Answer:
+        """GET a blob, its body left for the fill to read (see `mirror.upstream.download`)."""
         url = self._url(path)
         started = time.perf_counter()
 
-        async def attempt(request_headers: dict[str, str]) -> Body:
+        async def attempt(request_headers: dict[str, str]) -> Answer:
             try:
                 body = await self.downloads.get(url, request_headers, MAX_REDIRECTS)
             except errors.UpstreamTimeout:
