@@ -692,6 +692,7 @@ class Bench:
         self.nginx_errors: list[str] = []
         self.mirror1: MirrorProc | None = None  # --workers 1
         self.nginx: NginxCache | None = None
+        self.base_mirror: MirrorProc | None = None  # the baseline's, in phases 1 and 2
         self.baseline: Path | None = None  # another checkout's mirror, in the cold phases
         self._n = 0
 
@@ -800,6 +801,8 @@ class Bench:
         self.nginx = self.start_nginx("hits")
         self.mirror = self.start_mirror(2, "w2")
         self.mirror1 = self.start_mirror(1, "w1")
+        if self.baseline is not None:
+            self.base_mirror = self.start_mirror(2, "base-w2", code=self.baseline)
         log(f"upstream {self.upstream.url}, peer {self.peer.url}, nginx {self.nginx.url}, "
             f"mirror {self.mirror.url} (workers=2), mirror {self.mirror1.url} (workers=1)")
 
@@ -858,7 +861,8 @@ class Bench:
         img = self.images["layer"]
         digest, size = img.layers[0]
         repo = img.info.repo
-        servers = {"mirror": self.mirror, "mirror_w1": self.mirror1}
+        servers = {"mirror": self.mirror, "mirror_w1": self.mirror1,
+                   **({"baseline": self.base_mirror} if self.base_mirror else {})}
         for label, m in servers.items():
             self.warm_blob(label, m.url, repo, digest, size,
                            functools.partial(self.mirror_has, m, digest, size))
@@ -869,7 +873,8 @@ class Bench:
         self.warm_blob("nginx", nginx.url, repo, digest, size, lambda: nginx.has(uri, size))
         assert self.upstream is not None
         urls = {"mirror": self.mirror.url, "nginx": nginx.url, "peer": peer.url,
-                "mirror_w1": self.mirror1.url, "direct": self.upstream.url}
+                "mirror_w1": self.mirror1.url, "direct": self.upstream.url,
+                **({"baseline": self.base_mirror.url} if self.base_mirror else {})}
         runs: dict[str, list[float]] = {k: [] for k in urls}
         for _ in range(self.cfg.throughput_runs):
             for label, base in urls.items():  # alternating: mirror, nginx, peer, ...
@@ -888,6 +893,9 @@ class Bench:
                      ">= 1.5", ratio >= 1.5)
         self.res.add("   same, mirror --workers 1 vs nginx (info)", med["mirror_w1"],
                      med["nginx"], med["mirror_w1"] / med["nginx"])
+        if "baseline" in med:
+            self.res.add("   same, baseline mirror (workers=2) vs nginx (info)", med["baseline"],
+                         med["nginx"], med["baseline"] / med["nginx"])
         self.res.add("   same, mirror (workers=2) vs direct upstream registry (info)",
                      med["mirror"], med["direct"], med["mirror"] / med["direct"])
 
@@ -925,7 +933,8 @@ class Bench:
         assert self.mirror and self.mirror1 and self.peer and self.upstream
         img = self.images["layer"].info
         servers = {"mirror": self.mirror.url, "peer": self.peer.url,
-                   "mirror_w1": self.mirror1.url, "direct": self.upstream.url}
+                   "mirror_w1": self.mirror1.url, "direct": self.upstream.url,
+                   **({"baseline": self.base_mirror.url} if self.base_mirror else {})}
         refs = {"tag": img.tag, "digest": img.digest}
 
         def url(base: str, ref: str) -> str:
@@ -966,6 +975,11 @@ class Bench:
             self.res.add("   same, mirror (workers=2) vs direct upstream registry (info)",
                          med["mirror"], med["direct"], med["mirror"] / med["direct"],
                          fmt="{:.0f}")
+            if "baseline" in med:
+                ratio = med["mirror"] / med["baseline"]
+                self.res.add("   same, mirror vs baseline mirror (workers=2): no lower",
+                             med["mirror"], med["baseline"], ratio, ">= 0.95 (noise)",
+                             ratio >= 0.95, fmt="{:.0f}")
 
     # 3. cold pull wall time
 
