@@ -69,8 +69,10 @@ class BlobService:
             response = await client.get_blob(
                 f"/v2/{repo}/blobs/{digest}", repo=repo, headers=headers, credential=credential)
             if response.status_code not in (200, 206):
-                body = await response.aread()
-                await response.aclose()
+                try:
+                    body = await response.aread()
+                finally:
+                    await response.aclose()  # cancelled while reading, too
                 raise upstream_error(
                     response, client.name, errors.BlobUnknown, f"blob {digest}", body)
             return response
