@@ -158,6 +158,8 @@ class Pump:
             try:
                 while received <= cap:
                     n = source.readinto(buffer[filled:])
+                    if self._stopping:  # nothing lands once the download is stopped
+                        raise _Stopped
                     if n == 0:
                         break
                     if skip:  # resumed, but the upstream ignored our Range
