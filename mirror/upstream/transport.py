@@ -16,8 +16,9 @@ import base64
 import importlib
 import socket
 import ssl
+import time
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -79,45 +80,43 @@ class Transport:
         scheme = urlsplit(proxy).scheme
         return scheme == "http" or (scheme == "https" and url.startswith("http://"))
 
-    def open_socket(self, url: str) -> Connected:
+    def open_socket(self, url: str, watch: Watch | None = None,
+                    until: float | None = None) -> Connected:
         """A blocking socket ready for a request to `url` (see `can_open`): connected
         within the connect timeout, through the proxy the URL needs (CONNECT for https, the
         absolute URL for http), TLS-wrapped with the context its origin gets; reads then time
-        out after the read timeout. Raises OSError (ssl.SSLError, TimeoutError) or
-        ProxyRefused."""
+        out after the read timeout. `watch` is given each socket before it connects (so that
+        another thread can cut it); no step waits past `until` (a `time.monotonic()`).
+        Raises OSError (ssl.SSLError, TimeoutError) or ProxyRefused."""
         parts = urlsplit(url)
         https = parts.scheme == "https"
         host, port = parts.hostname or "", parts.port or (443 if https else 80)
         proxy = self.proxy_for(url)
         headers: dict[str, str] = {}
         if proxy is None:
-            sock = socket.create_connection((host, port), timeout=self.connect)
+            sock = _connect(host, port, _budget(self.connect, until), watch)
         else:
             via = urlsplit(proxy)
-            sock = socket.create_connection(
-                (via.hostname or "", via.port or (443 if via.scheme == "https" else 80)),
-                timeout=self.connect)
+            sock = _connect(via.hostname or "", via.port or (443 if via.scheme == "https" else 80),
+                            _budget(self.connect, until), watch)
             if via.username is not None:
                 pair = f"{unquote(via.username)}:{unquote(via.password or '')}"
                 headers["Proxy-Authorization"] = \
                     "Basic " + base64.b64encode(pair.encode()).decode()
             if via.scheme == "https":
-                sock = self.other_tls.wrap_socket(sock, server_hostname=via.hostname)
+                sock = _wrap(self.other_tls, sock, via.hostname, _budget(self.connect, until))
             if not https:  # the proxy forwards the request: it carries the absolute URL
                 sock.settimeout(self.read)
                 return Connected(sock, True, headers)
             try:
-                _tunnel(sock, f"{_bracket(host)}:{port}", headers)
+                sock.settimeout(_budget(self.read, until))
+                _tunnel(sock, f"{_bracket(host)}:{port}", headers, until)
             except BaseException:
                 sock.close()
                 raise
             headers = {}
         if https:
-            try:
-                sock = self.tls_for(url).wrap_socket(sock, server_hostname=host)
-            except BaseException:
-                sock.close()
-                raise
+            sock = _wrap(self.tls_for(url), sock, host, _budget(self.connect, until))
         sock.settimeout(self.read)
         return Connected(sock, False, headers)
 
@@ -157,13 +156,61 @@ class ProxyRefused(OSError):
     """A forward proxy would not open a tunnel to the upstream."""
 
 
-def _tunnel(sock: socket.socket, target: str, headers: Mapping[str, str]) -> None:
+# Called with each socket `open_socket` makes, before it connects; raises OSError to give up.
+Watch = Callable[[socket.socket], None]
+
+
+def _budget(limit: float, until: float | None) -> float:
+    """A blocking step's timeout: `limit`, or less so as to end by `until`."""
+    if until is None:
+        return limit
+    left = until - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("the request's deadline passed")
+    return min(limit, left)
+
+
+def _connect(host: str, port: int, timeout: float, watch: Watch | None) -> socket.socket:
+    """`socket.create_connection`, each socket shown to `watch` before it connects."""
+    error: OSError | None = None
+    for family, kind, proto, _, address in socket.getaddrinfo(host, port, 0,
+                                                               socket.SOCK_STREAM):
+        sock = socket.socket(family, kind, proto)
+        try:
+            if watch is not None:
+                watch(sock)
+            sock.settimeout(timeout)
+            sock.connect(address)
+            return sock
+        except OSError as exc:
+            sock.close()
+            error = exc
+        except BaseException:
+            sock.close()
+            raise
+    raise error or OSError(f"no address for {host}")
+
+
+def _wrap(context: ssl.SSLContext, sock: socket.socket, host: str | None,
+          timeout: float) -> ssl.SSLSocket:
+    """`sock` with TLS over it, the handshake done within `timeout` (closed on failure)."""
+    try:
+        sock.settimeout(timeout)
+        return context.wrap_socket(sock, server_hostname=host)
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _tunnel(sock: socket.socket, target: str, headers: Mapping[str, str],
+            until: float | None = None) -> None:
     """CONNECT through the proxy at the other end of `sock` to `target` (host:port)."""
     lines = [f"CONNECT {target} HTTP/1.1", f"Host: {target}",
              *(f"{k}: {v}" for k, v in headers.items())]
     sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
     answer = b""
     while b"\r\n\r\n" not in answer:  # the proxy sends nothing past its answer's head
+        sock.settimeout(_budget(sock.gettimeout() or 60.0, until))  # a trickle ends by it too
         data = sock.recv(4096)
         if not data or len(answer) > 65536:
             raise ProxyRefused(f"the proxy closed the tunnel to {target}")
