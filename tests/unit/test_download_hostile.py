@@ -130,12 +130,12 @@ def test_cancelling_a_request_cuts_its_connection(serve: Any) -> None:
             async with asyncio.timeout(0.3):
                 await fetcher.get(server.url(), {}, 5)
         cancelled = time.monotonic()
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(2.0)
         await fetcher.aclose()
         return cancelled
 
     cancelled = asyncio.run(main())
-    assert server.closed_at is not None and server.closed_at - cancelled < 0.5
+    assert server.closed_at is not None and server.closed_at - cancelled < 1.0
 
 
 def test_a_trickled_head_ends_by_the_deadline(serve: Any) -> None:
@@ -192,13 +192,13 @@ def test_cancelling_an_error_body_read_cuts_its_connection(serve: Any) -> None:
             async with asyncio.timeout(0.3):
                 await answer.aread()
         cancelled = time.monotonic()
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(2.0)
         await answer.aclose()
         await fetcher.aclose()
         return cancelled
 
     cancelled = asyncio.run(main())
-    assert server.closed_at is not None and server.closed_at - cancelled < 0.5
+    assert server.closed_at is not None and server.closed_at - cancelled < 1.0
 
 
 def test_an_error_body_is_read_by_the_deadline(serve: Any) -> None:
@@ -370,6 +370,23 @@ def test_no_byte_after_an_abort_on_tls(serve: Any, tmp_path: Path) -> None:
         with pytest.raises(download.BodyBroken):
             answer.readinto(view)
         await answer.aclose()
+        await fetcher.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_certificate_for_another_name_is_refused(serve: Any, tmp_path: Path) -> None:
+    cert = make_server_cert(tmp_path / "tls", names=("other.test",), ips=())
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert.cert, cert.key)
+    server = serve(ok, context)
+    transport = Transport.for_upstream(server.url("", "https"), 2, 2, ca_file=str(cert.ca),
+                                       client_cert=None, client_key=None, environ={})
+    fetcher = Downloader("up", transport)
+
+    async def main() -> None:
+        with pytest.raises(errors.UpstreamError, match="CERTIFICATE_VERIFY_FAILED"):
+            await fetcher.get(server.url("/blob", "https"), {}, 5)
         await fetcher.aclose()
 
     asyncio.run(main())
