@@ -47,6 +47,7 @@ from dataclasses import dataclass
 import cachetools
 
 from mirror import errors
+from mirror.flight import SingleFlight
 from mirror.identity import Caller
 from mirror.metadata import Grant, Metadata
 from mirror.reference import Digest
@@ -134,6 +135,8 @@ class Access:
         # Links already written by this process: spares a write per read, decides nothing.
         self._written: cachetools.LRUCache[tuple[str, str, str], bool] = cachetools.LRUCache(
             memo)
+        # Concurrent probes of one digest with one credential share one upstream HEAD.
+        self._probes = SingleFlight()
 
     # -- credentials (rule 6) --------------------------------------------------------------
 
@@ -237,23 +240,33 @@ class Access:
             return Decision(await self._holds(name, digest))
         if client.offline:
             raise self.unproven(client, repo, caller)
+        credential = self.probe_credential(client, caller)
+        size = await self._probes.do(
+            (name, repo, kind, text, caller.identity, credential),
+            lambda: self._probe(client, repo, caller, digest, kind, credential))
+        return Decision(await self._holds(name, digest), size)
+
+    async def _probe(self, client: UpstreamClient, repo: str, caller: Caller, digest: Digest,
+                     kind: str, credential: Credential | None) -> int | None:
+        """Ask the upstream with the caller's credential whether R holds D (a HEAD): raise
+        what the caller should see if not, else record the proof and return the length the
+        upstream announced."""
+        name, text = client.name, str(digest)
         headers = {"Accept": MANIFEST_ACCEPT} if kind == "manifests" else {}
         try:
             response = await client.send("HEAD", f"/v2/{repo}/{kind}/{digest}", repo=repo,
-                                         headers=headers,
-                                         credential=self.probe_credential(client, caller))
+                                         headers=headers, credential=credential)
             if response.status_code != 200:
                 not_found = errors.BlobUnknown if kind == "blobs" else errors.ManifestUnknown
                 raise upstream_error(response, name, not_found, f"{digest} in {repo}")
         except OUTAGE:
             if (await self.granted(client, repo, caller, lasting=True)
                     and await self.metadata.linked(name, repo, text)):
-                return Decision(await self._holds(name, digest))
+                return None
             raise
         except errors.RegistryError as exc:
             raise await self.refused(client, repo, caller, exc) from None
         await self.proven(client, repo, caller)
         await self.link(client, repo, [text])
         length = response.headers.get("content-length", "")
-        size = int(length) if length.isascii() and length.isdigit() else None
-        return Decision(await self._holds(name, digest), size)
+        return int(length) if length.isascii() and length.isdigit() else None

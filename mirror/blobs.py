@@ -11,7 +11,7 @@ from mirror.fills import Fills
 from mirror.readers import Reader
 from mirror.reference import Digest
 from mirror.store import Store
-from mirror.upstream import Body, Credential, UpstreamClient, upstream_error
+from mirror.upstream import Answer, Credential, UpstreamClient, upstream_error
 
 PRESIGNED_LIFETIME = 60.0  # seconds a redirect's URL works: enough to start the download
 
@@ -62,15 +62,17 @@ class BlobService:
     ) -> Reader:
         """A reader over the blob; the caller streams `reader.chunks(...)` (which closes it)."""
 
-        async def fetch(offset: int) -> Body:
+        async def fetch(offset: int) -> Answer:
             headers = {"Accept-Encoding": "identity"}
             if offset:
                 headers["Range"] = f"bytes={offset}-"
             response = await client.get_blob(
                 f"/v2/{repo}/blobs/{digest}", repo=repo, headers=headers, credential=credential)
             if response.status_code not in (200, 206):
-                body = await response.aread()
-                await response.aclose()
+                try:
+                    body = await response.aread()
+                finally:
+                    await response.aclose()  # cancelled while reading, too
                 raise upstream_error(
                     response, client.name, errors.BlobUnknown, f"blob {digest}", body)
             return response

@@ -24,7 +24,7 @@ import logging
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -32,7 +32,7 @@ import aiohttp
 
 from mirror.errors import StreamAborted, UpstreamError
 from mirror.metadata import Metadata
-from mirror.readers import Reader
+from mirror.readers import Part, Reader
 from mirror.reference import Digest
 
 log = logging.getLogger("mirror.cluster")
@@ -203,7 +203,7 @@ class PeerReader(Reader):
             self._response.release()
             self._response = None
 
-    async def chunks(self, start: int, end: int | None) -> AsyncIterator[bytes | memoryview]:
+    async def parts(self, start: int, end: int | None) -> AsyncGenerator[Part, None]:
         try:
             if self._response is None or self._span != (start, end):
                 self.close()

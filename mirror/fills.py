@@ -6,8 +6,9 @@ verifies length and digest, and renames the partial into place. Every client, in
 the one that started the fill, reads the file: clients in the filling process are woken
 as bytes land; clients in other worker processes poll the file's size and the lock.
 
-How clients read what a fill writes is `mirror.readers`. A broken upstream body is
-resumed with a Range request from the byte reached (up to RESUMES times).
+The bytes themselves move in a thread of their own (`mirror.datapath`: read, hash, write,
+resume a broken body, feed the object store); how clients read what a fill writes is
+`mirror.readers`.
 
 When the disk is full (ENOSPC, EDQUOT) the fill detaches from the cache (`_detach`) and
 relays the rest of the blob from memory to the readers it has (`mirror.relay`): they still
@@ -18,19 +19,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-import httpx
-
+from mirror.datapath import DigestMismatch, Fetch, Pump, reserve
 from mirror.errors import RegistryError, UpstreamError, UpstreamTimeout
 from mirror.metrics import Metrics
 from mirror.objectstore import Writer
-from mirror.upstream import BodyBroken, Streamed
+from mirror.upstream import Streamed
 
 if TYPE_CHECKING:
     from mirror.cluster import Cluster
@@ -39,19 +37,11 @@ from mirror.locks import FillLock, lock_is_held
 from mirror.readers import Fill, LocalReader, Reader, RemoteReader
 from mirror.reference import Digest
 from mirror.relay import Relay
-from mirror.store import CHUNK, DISK_FULL, POLL, Store
+from mirror.store import DISK_FULL, POLL, Store
 
 log = logging.getLogger("mirror.fills")
 
-FLUSH_INTERVAL = 0.05  # hand slow downloads to readers at least this often
-PIPELINE = 4  # MiB chunks queued between the socket and the disk
-# Opens the upstream body from a byte offset (0: the whole blob; more: resuming).
-Fetch = Callable[[int], Awaitable[Streamed]]
-RESUMES = 3  # a broken download is resumed this many times before the fill gives up
-
-
-class DigestMismatch(UpstreamError):
-    """The upstream sent bytes that do not match the digest or the announced length."""
+__all__ = ["DigestMismatch", "Fetch", "Fills"]
 
 
 class Fills:
@@ -229,6 +219,8 @@ class Fills:
                     fill.size = self._announced(fill, response)
                     try:
                         fill.fd = fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+                        if fill.size:
+                            reserve(fd, fill.size)
                         if size_path is not None:
                             tmp = size_path.with_suffix(f".{os.getpid()}")
                             try:
@@ -244,7 +236,8 @@ class Fills:
                             fill.fd = fd = os.memfd_create("relay")
                         self._detach(fill, 0)
                     fill.started.set()
-                    await self._download(fill, fd, response, fetch)
+                    await Pump(fill, fd, fetch, max_size=self.max_size, metrics=self.metrics,
+                               detach=self._detach).run(response)
                 finally:
                     await response.aclose()
             if fill.relay is None:
@@ -324,133 +317,6 @@ class Fills:
             del self.active[digest]
         log.warning("cache disk full: %s relayed to its %d reader(s) from byte %d, not cached",
                     digest, len(fill.followers), start)
-
-    async def _download(
-        self, fill: Fill, fd: int, response: Streamed, fetch: Fetch
-    ) -> None:
-        hasher = hashlib.new(fill.digest.algorithm)
-        flushed = time.monotonic()
-
-        def hash_only(parts: list[bytes]) -> None:
-            for part in parts:
-                hasher.update(part)
-
-        def write(parts: list[bytes]) -> int:
-            """Hash and write `parts`; returns how much landed (less: the disk is full)."""
-            if len(parts) > 512:  # writev takes at most IOV_MAX (1024) buffers
-                parts = [b"".join(parts)]
-            hash_only(parts)
-            total = sum(len(part) for part in parts)
-            done = 0
-            while done < total:
-                try:
-                    if done == 0:
-                        done = os.writev(fd, parts)  # no joining: one syscall, no copy
-                    else:
-                        done += os.write(fd, b"".join(parts)[done:])
-                except OSError as exc:
-                    if exc.errno not in DISK_FULL:
-                        raise
-                    break
-            return done
-
-        async def emit(parts: list[bytes]) -> None:
-            size = sum(len(part) for part in parts)
-            landed = 0
-            if fill.relay is None:
-                landed = await asyncio.to_thread(write, parts)
-                if landed < size:
-                    self._detach(fill, fill.written + landed)
-                elif fill.upload is not None:
-                    for part in parts:
-                        await fill.upload.write(part)
-            else:
-                await asyncio.to_thread(hash_only, parts)
-            if fill.relay is not None:
-                await fill.relay.put(b"".join(parts)[landed:])
-            fill.written += size
-            if self.metrics is not None:
-                self.metrics.upstream_bytes.labels(fill.upstream).inc(size)
-
-        # Hashing and writing (in a thread) overlap with reading the socket: a few MiB
-        # queue up between them; a full queue holds back reading.
-        queue: asyncio.Queue[list[bytes] | None] = asyncio.Queue(maxsize=PIPELINE)
-        failed: list[Exception] = []
-
-        async def writer() -> None:
-            while (data := await queue.get()) is not None:
-                if failed:
-                    continue  # keep draining so the reader never blocks on a full queue
-                try:
-                    await emit(data)
-                except Exception as exc:
-                    failed.append(exc)
-                fill.notify()
-
-        writing = asyncio.create_task(writer())
-        received = pending = skip = resumes = 0
-        parts: list[bytes] = []  # written with writev: never joined
-        try:
-            while True:
-                try:
-                    async for chunk in response.aiter_raw():
-                        if skip:  # resumed, but the upstream ignored our Range
-                            chunk, skip = chunk[skip:], max(skip - len(chunk), 0)
-                        parts.append(chunk)
-                        pending += len(chunk)
-                        received += len(chunk)
-                        now = time.monotonic()
-                        if pending >= CHUNK or now - flushed > FLUSH_INTERVAL:
-                            await queue.put(parts)
-                            parts, pending, flushed = [], 0, now
-                            if failed or received > (fill.size or self.max_size):
-                                break
-                    broken: Exception | None = None
-                except (httpx.TransportError, BodyBroken, UpstreamTimeout) as exc:
-                    broken = exc  # reset, truncated, stalled
-                if failed or fill.size is None or received >= fill.size:
-                    if broken is not None:
-                        raise broken
-                    break
-                # The body ended early: ask for the rest, invisibly to the readers.
-                resumes += 1
-                if resumes > RESUMES:
-                    raise UpstreamError(
-                        f"download of {fill.digest} broke {RESUMES + 1} times: {broken!r}")
-                log.info("resuming %s from byte %d (%r)", fill.digest, received, broken)
-                await response.aclose()
-                response = await fetch(received)
-                if response.status_code == 206:
-                    start = response.headers.get("content-range", "").partition(" ")[2]
-                    if not start.startswith(f"{received}-"):
-                        raise UpstreamError(f"upstream resumed {fill.digest} at the wrong byte")
-                else:
-                    skip = received
-            if parts:
-                await queue.put(parts)
-            await queue.put(None)
-            await writing
-            if failed:
-                raise failed[0]
-        except httpx.TimeoutException as exc:
-            raise UpstreamTimeout(f"download of {fill.digest} stalled") from exc
-        except httpx.HTTPError as exc:
-            raise UpstreamError(f"download of {fill.digest} broke: {exc}") from exc
-        finally:
-            await response.aclose()
-            if not writing.done():
-                writing.cancel()
-                with contextlib.suppress(BaseException):
-                    await writing
-        if fill.size is None and fill.written > self.max_size:
-            raise DigestMismatch(f"upstream sent over {self.max_size} bytes for {fill.digest}")
-        if fill.size is not None and fill.written != fill.size:
-            raise DigestMismatch(
-                f"upstream sent {fill.written} bytes for {fill.digest}, announced {fill.size}")
-        if hasher.hexdigest() != fill.digest.hex:
-            raise DigestMismatch(f"upstream sent content that does not match {fill.digest}")
-        if fill.size is None:
-            fill.size = fill.written
 
     async def aclose(self) -> None:
         for task in list(self._tasks):

@@ -1,4 +1,5 @@
-"""uvicorn's httptools protocol with limits on request headers, which uvicorn lacks.
+"""uvicorn's httptools protocol with limits on request headers and a zero-copy body, both of
+which uvicorn lacks.
 
 - A connection must send complete request headers within `header_timeout` seconds, counted
   from its start and, on a kept-alive connection, from the end of the previous response.
@@ -7,6 +8,13 @@
 - Request line and headers may take at most MAX_HEADER_BYTES; past that the request is
   answered 431 and the connection closed, without reading further (httptools would otherwise
   buffer an endless header in memory).
+
+- On plain-HTTP connections it offers the ASGI extension `http.response.zerocopysend`
+  (`mirror.zerocopy` uses it for blob bodies): the message's file range goes to the socket
+  with sendfile(2), straight from the page cache, once what uvloop still buffers for the
+  socket has gone out; the socket's readiness is awaited through a duplicate of its
+  descriptor (uvloop keeps the original's). With chunked encoding or a HEAD the range is
+  read and sent as an ordinary body instead.
 
 uvicorn takes it as `http=protocol(header_timeout)`: a `functools.partial` of the class, which
 pickles by reference, so the workers uvicorn spawns get it too.
@@ -17,13 +25,21 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import os
 from typing import Any, cast
 
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import (
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
+from uvicorn.protocols.utils import is_ssl
 
 from mirror import errors
 
 MAX_HEADER_BYTES = 64 * 1024
+ZERO_COPY = "http.response.zerocopysend"
+FALLBACK_CHUNK = 1 << 20  # a zero-copy range sent as an ordinary body goes in these pieces
 
 
 def protocol(header_timeout: float) -> type[asyncio.Protocol]:
@@ -105,6 +121,12 @@ class HeaderLimitProtocol(HttpToolsProtocol):
         self._header_bytes = 0
         self._disarm()
         super().on_headers_complete()
+        cycle = self.cycle
+        if (cycle is not None and cycle.scope is self.scope and type(cycle) is RequestResponseCycle
+                and not is_ssl(self.transport)
+                and self.transport.get_extra_info("socket") is not None):
+            cycle.__class__ = ZeroCopyCycle  # its task has not started: it sends with ours
+            self.scope.setdefault("extensions", {})[ZERO_COPY] = {}
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
@@ -134,3 +156,94 @@ class HeaderLimitProtocol(HttpToolsProtocol):
                  b"connection: close\r\n\r\n"]
         self.transport.write(b"".join(head) + body)
         self.transport.close()
+
+
+class ZeroCopyCycle(RequestResponseCycle):
+    """uvicorn's request-response cycle that also sends `http.response.zerocopysend`."""
+
+    async def send(self, message: Any) -> None:
+        if message["type"] != ZERO_COPY:
+            await super().send(message)
+            return
+        if self.flow.write_paused and not self.disconnected:
+            await self.flow.drain()
+        if self.disconnected:
+            return
+        if not self.response_started or self.response_complete:
+            raise RuntimeError(f"unexpected ASGI message {ZERO_COPY!r}")
+        file = message["file"]
+        fd = file if isinstance(file, int) else file.fileno()
+        offset = message.get("offset")
+        if offset is None:
+            offset = os.lseek(fd, 0, os.SEEK_CUR)
+        count = message.get("count")
+        if count is None:
+            count = os.fstat(fd).st_size - offset
+        more = message.get("more_body", False)
+        if self.chunked_encoding or self.scope["method"] == "HEAD":
+            await self._as_body(fd, offset, count, more)
+            return
+        if count > self.expected_content_length:
+            raise RuntimeError("Response content longer than Content-Length")
+        await self._sendfile(fd, offset, count)
+        self.expected_content_length -= count
+        if not more:
+            await super().send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _as_body(self, fd: int, offset: int, count: int, more: bool) -> None:
+        while count > 0:
+            data = os.pread(fd, min(count, FALLBACK_CHUNK), offset)
+            if not data:
+                raise EOFError(f"the file ended {count} bytes before the range it was sent")
+            offset += len(data)
+            count -= len(data)
+            await super().send({"type": "http.response.body", "body": data,
+                                "more_body": more or count > 0})
+        if not more:
+            await super().send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _sendfile(self, fd: int, offset: int, count: int) -> None:
+        transport = self.transport
+        if transport.get_write_buffer_size():
+            # What uvloop still holds for the socket (the headers, say) goes out first.
+            transport.set_write_buffer_limits(high=0)  # paused until it is all out
+            try:
+                await self.flow.drain()
+            finally:
+                transport.set_write_buffer_limits()
+        sock = transport.get_extra_info("socket").fileno()
+        ready: int | None = None  # a duplicate of `sock`, to await its readiness with
+        try:
+            while count > 0 and not self.disconnected:
+                try:
+                    sent = os.sendfile(sock, fd, offset, count)
+                except BlockingIOError:
+                    if ready is None:
+                        ready = os.dup(sock)
+                    await _writable(ready)
+                    continue
+                except (BrokenPipeError, ConnectionResetError):
+                    self.disconnected = True  # uvicorn learns it too, from connection_lost
+                    return
+                if sent == 0:
+                    raise EOFError(f"the file ended {count} bytes before the range it was sent")
+                offset += sent
+                count -= sent
+        finally:
+            if ready is not None:
+                os.close(ready)
+
+
+async def _writable(fd: int) -> None:
+    loop = asyncio.get_running_loop()
+    waiter = loop.create_future()
+
+    def wake() -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    loop.add_writer(fd, wake)
+    try:
+        await waiter
+    finally:
+        loop.remove_writer(fd)

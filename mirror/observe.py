@@ -92,6 +92,8 @@ class Observe:
                 headers = message.get("headers") or []
             elif message["type"] == "http.response.body":
                 sent += len(message.get("body", b""))
+            elif message["type"] == "http.response.zerocopysend":  # mirror.zerocopy
+                sent += message["count"]
             await send(message)
 
         try:

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Callable, Mapping
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from mirror import errors, policy
@@ -41,6 +41,7 @@ from mirror.ranges import parse_range
 from mirror.reference import Digest, check_name, check_reference, parse_digest
 from mirror.settings import DOCKER_HUB
 from mirror.upstream import UpstreamClient
+from mirror.zerocopy import BlobResponse
 
 log = logging.getLogger("mirror.routes")
 API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
@@ -325,21 +326,12 @@ class Handlers:
                 headers["Content-Range"] = f"bytes {start}-{end - 1}/{reader.size}"
             assert end is not None
             headers["Content-Length"] = str(end - start)
-        return StreamingResponse(self._counted(reader.chunks(start, end), reader.source),
-                                 status_code=status, headers=headers)
+        return BlobResponse(reader, start, end, status_code=status, headers=headers,
+                            sent=self._counter(reader.source))
 
-    async def _counted(
-        self, chunks: AsyncIterator[bytes | memoryview], source: str
-    ) -> AsyncIterator[bytes | memoryview]:
-        """Blob bytes as they go out, counted by where they came from."""
-        if self.metrics is None:
-            async for chunk in chunks:
-                yield chunk
-            return
-        counter = self.metrics.served_bytes.labels(source)
-        async for chunk in chunks:
-            counter.inc(len(chunk))
-            yield chunk
+    def _counter(self, source: str) -> Callable[[int], None] | None:
+        """Counts blob bytes as they go out, by where they came from."""
+        return None if self.metrics is None else self.metrics.served_bytes.labels(source).inc
 
 def manifest_response(info: ManifestInfo, data: bytes | None, stale: str = "") -> Response:
     """The same headers for GET and HEAD; `data` None means HEAD (no body); `stale` why

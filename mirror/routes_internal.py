@@ -6,7 +6,7 @@ reaches it."""
 from __future__ import annotations
 
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.routing import Route
 
 from mirror import errors
@@ -14,6 +14,7 @@ from mirror.cluster import PEER_HEADER, ROUTE, SIZE_HEADER, Cluster
 from mirror.fills import Fills
 from mirror.ranges import parse_range
 from mirror.reference import parse_digest
+from mirror.zerocopy import BlobResponse
 
 
 class InternalHandlers:
@@ -44,5 +45,5 @@ class InternalHandlers:
                 status, (start, end) = 206, span
             assert end is not None
             headers["Content-Length"] = str(end - start)
-        return StreamingResponse(reader.chunks(start, end), status_code=status,
-                                 headers=headers, media_type="application/octet-stream")
+        return BlobResponse(reader, start, end, status_code=status, headers=headers,
+                            media_type="application/octet-stream")

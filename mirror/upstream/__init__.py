@@ -7,13 +7,13 @@
                proxies from the environment, a CA bundle and a client certificate per upstream
     redirects  the redirect policy both clients follow: credentials never leave the origin
     answers    an upstream's error answer as the error our client should see
-    download   blob bodies streamed with aiohttp
+    download   blob GETs whose bodies a fill's thread reads from the socket
     tokens     the Docker registry token protocol: challenges, token fetches and their cache
 """
 
 from mirror.upstream.answers import upstream_error
 from mirror.upstream.client import UpstreamClient
-from mirror.upstream.download import Body, BodyBroken, Downloader, Streamed
+from mirror.upstream.download import Answer, Body, BodyBroken, Downloader, SocketBody, Streamed
 from mirror.upstream.redirects import MAX_REDIRECTS
 from mirror.upstream.tokens import (
     ANONYMOUS,
@@ -25,7 +25,7 @@ from mirror.upstream.tokens import (
 )
 
 __all__ = [
-    "ANONYMOUS", "MAX_REDIRECTS", "Body", "BodyBroken", "Challenge", "Credential", "Downloader",
-    "Streamed", "TokenCache", "UpstreamClient", "parse_challenge", "repository_scope",
-    "upstream_error",
+    "ANONYMOUS", "MAX_REDIRECTS", "Answer", "Body", "BodyBroken", "Challenge", "Credential",
+    "Downloader", "SocketBody", "Streamed", "TokenCache", "UpstreamClient", "parse_challenge",
+    "repository_scope", "upstream_error",
 ]

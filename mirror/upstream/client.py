@@ -18,8 +18,8 @@ import httpx
 from mirror import errors, ratelimit
 from mirror.metrics import Metrics
 from mirror.settings import Settings, Upstream
-from mirror.upstream.download import Body, Downloader
-from mirror.upstream.redirects import MAX_REDIRECTS, REDIRECTS, follow, origin
+from mirror.upstream.download import Answer, Downloader
+from mirror.upstream.redirects import MAX_REDIRECTS, REDIRECTS, follow, location, origin
 from mirror.upstream.tokens import (
     Challenge,
     Credential,
@@ -63,8 +63,8 @@ class UpstreamClient:
         self.http = self.transport.httpx_client()
         self.tokens = TokenCache(self.http, upstream.name, metrics,
                                  entries=settings.token_cache_entries)
-        self.downloads = Downloader(upstream.name, self.transport)
         self.deadline = settings.upstream_deadline  # a whole request (body too) ends by it
+        self.downloads = Downloader(upstream.name, self.transport, self.deadline)
         self.basic = (httpx.BasicAuth(upstream.username, upstream.password or "")
                       if upstream.username else None)
         # Learnt from the first 401: lets later requests carry a token at once.
@@ -119,12 +119,12 @@ class UpstreamClient:
     async def get_blob(
         self, path: str, *, repo: str, headers: dict[str, str],
         credential: Credential | None = None,
-    ) -> Body:
-        """GET a blob for streaming through aiohttp (see `mirror.download`)."""
+    ) -> Answer:
+        """GET a blob, its body left for the fill to read (see `mirror.upstream.download`)."""
         url = self._url(path)
         started = time.perf_counter()
 
-        async def attempt(request_headers: dict[str, str]) -> Body:
+        async def attempt(request_headers: dict[str, str]) -> Answer:
             try:
                 body = await self.downloads.get(url, request_headers, MAX_REDIRECTS)
             except errors.UpstreamTimeout:
@@ -232,13 +232,17 @@ class UpstreamClient:
                     f"{type(exc).__name__}: {exc}") from exc
             self._observe(str(response.status_code), started)
             self.ratelimit.observe(response.headers)
-            location = response.headers.get("location")
-            if response.status_code not in REDIRECTS or not location:
+            try:
+                target = location(response.headers.get_list("location"))
+            except errors.UpstreamError:
+                await response.aclose()
+                raise
+            if response.status_code not in REDIRECTS or not target:
                 return response
             await response.aclose()
             if content is not None and not isinstance(content, bytes):
                 return response  # a streamed body cannot follow a redirect
-            url, headers = follow(start, str(response.url), location, headers)
+            url, headers = follow(start, str(response.url), target, headers)
             params = None
             if response.status_code == 303:
                 method = "GET"

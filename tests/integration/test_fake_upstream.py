@@ -168,3 +168,25 @@ def test_an_invalid_or_oversized_upstream_manifest_is_not_cached(
         message = response.json()["errors"][0]["message"]
         assert "not valid JSON" in message or "over 4 MiB" in message
     assert cached_files(mirror.cache_dir) == []
+
+
+def test_a_blob_sent_chunked_without_a_length_streams_and_is_cached(
+    fake: FakeUpstream, start_mirror: StartMirror
+) -> None:
+    data = os.urandom(5 * 1024 * 1024 + 3)
+    digest = fake.add_blob(data)
+    fake.unsized.add(digest)
+    fake.chunk_delay = 0.001  # the client is there while the blob is still coming
+    mirror = start_mirror(upstreams=[("fake", fake.url)])
+    url = f"{mirror.url}/v2/owner/img/blobs/{digest}"
+    with httpx.stream("GET", url, timeout=60) as response:
+        assert response.status_code == 200
+        assert "content-length" not in response.headers  # the mirror does not know it yet
+        assert response.headers.get("transfer-encoding") == "chunked"
+        assert response.read() == data
+    deadline = time.monotonic() + 10
+    while not cached_files(mirror.cache_dir) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    again = httpx.get(url, timeout=60)  # from the cache, with its length now
+    assert again.content == data and again.headers["content-length"] == str(len(data))
+    assert fake.count("GET", f"/blobs/{digest}") == 1

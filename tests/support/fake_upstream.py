@@ -36,6 +36,7 @@ class FakeUpstream:
     corrupt: set[str] = field(default_factory=set)  # digests served with one byte flipped
     chunk_delay: float = 0.0  # seconds between 64 KiB chunks of a blob body
     redirect_blobs: bool = False  # 307 blob GETs to a "CDN" on another host name
+    unsized: set[str] = field(default_factory=set)  # digests sent chunked, with no length
     require_token: bool = True
     status_override: dict[str, tuple[int, dict[str, str]]] = field(default_factory=dict)
     # Docker Hub's pull budget: (limit, remaining), sent on manifest answers as RateLimit-*
@@ -128,7 +129,11 @@ class FakeUpstream:
         if digest in self.corrupt:
             data = data[:-1] + bytes([data[-1] ^ 0xFF])
         headers = {"Content-Length": str(len(data)), "Docker-Content-Digest": digest}
+        if digest in self.unsized:
+            del headers["Content-Length"]  # a streamed answer without one goes chunked
         if request.method == "HEAD":
+            if digest in self.unsized:
+                return StreamingResponse(iter(()), headers=headers)
             return Response(b"", headers=headers)
 
         async def chunks() -> AsyncIterator[bytes]:

@@ -511,3 +511,25 @@ def test_another_upstream_cannot_change_the_media_type_a_manifest_is_served_with
                     assert got.headers["content-type"] == media_type, tag
 
         asyncio.run(scenario())
+def test_concurrent_probes_are_shared_only_by_one_credential(
+    fake: AuthUpstream, tmp_path: Path
+) -> None:
+    image = secret_image(fake)
+    layer = image.layers[0]
+    path = f"/v2/{SECRET}/blobs/{layer}"
+
+    async def scenario() -> None:
+        async with running(settings(tmp_path, Upstream("fake", fake.url))) as mirror:
+            alice, bob = mirror.caller("alice"), mirror.caller("bob")
+            await alice.login()
+            await bob.login()
+            got = await asyncio.gather(*(alice.get(path) for _ in range(4)),
+                                       *(bob.get(path) for _ in range(3)))
+            assert [r.status_code for r in got[:4]] == [200] * 4
+            assert all(r.status_code in (401, 403) for r in got[4:])
+            assert not any(leaked(r.content, image, fake) for r in got[4:])
+            heads = [s for s in fake.seen if s.method == "HEAD" and layer in s.path]
+            assert len([s for s in heads if s.user == "alice"]) == 1  # one probe for four
+            assert len([s for s in heads if s.user == "bob"]) == 1  # bob's own, not alice's
+
+    asyncio.run(scenario())
