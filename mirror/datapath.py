@@ -52,8 +52,9 @@ FLUSH_INTERVAL = 0.05  # and at least this often (slow downloads)
 UPLOAD_AHEAD = 8  # buffers queued for the object store before the thread waits for it
 RESUMES = 3  # a broken download is resumed this many times before the fill gives up
 log = logging.getLogger("mirror.fills")
-# One thread per running download (created as needed, reused after).
-THREADS = ThreadPoolExecutor(max_workers=1024, thread_name_prefix="fill")
+# Threads of a process's downloads: one per running download (created as needed, reused
+# after). `Fills` owns the executor; this bounds it.
+MAX_THREADS = 1024
 
 # Opens the upstream body from a byte offset (0: the whole blob; more: resuming).
 Fetch = Callable[[int], Awaitable[Streamed]]
@@ -76,8 +77,10 @@ class Pump:
     """Runs one fill's download in a thread: see the module's description."""
 
     def __init__(self, fill: Fill, fd: int, fetch: Fetch, *, max_size: int,
-                 metrics: Metrics | None, detach: Callable[[Fill, int], None]) -> None:
+                 metrics: Metrics | None, detach: Callable[[Fill, int], None],
+                 threads: ThreadPoolExecutor) -> None:
         self.fill = fill
+        self.threads = threads
         self.fd = fd
         self.fetch = fetch
         self.max_size = max_size
@@ -95,7 +98,7 @@ class Pump:
     async def run(self, response: Streamed) -> None:
         """Download `response`'s body (and resumes) into the fill's partial, verified."""
         self.response = response
-        thread = self.loop.run_in_executor(THREADS, self._work)
+        thread = self.loop.run_in_executor(self.threads, self._work)
         try:
             await asyncio.shield(thread)
             if self.uploader is not None:

@@ -22,9 +22,10 @@ import contextlib
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-from mirror.datapath import DigestMismatch, Fetch, Pump, reserve
+from mirror.datapath import MAX_THREADS, DigestMismatch, Fetch, Pump, reserve
 from mirror.errors import RegistryError, UpstreamError, UpstreamTimeout
 from mirror.metrics import Metrics
 from mirror.objectstore import Writer
@@ -56,6 +57,7 @@ class Fills:
         self.active: dict[Digest, Fill] = {}
         self.cluster: Cluster | None = None  # replicas to share downloads with
         self._tasks: set[asyncio.Task[None]] = set()
+        self._threads = ThreadPoolExecutor(max_workers=MAX_THREADS, thread_name_prefix="fill")
 
     async def open(self, digest: Digest, fetch: Fetch, upstream: str = "", *,
                    cached: bool = True, expected: int | None = None) -> Reader:
@@ -237,7 +239,7 @@ class Fills:
                         self._detach(fill, 0)
                     fill.started.set()
                     await Pump(fill, fd, fetch, max_size=self.max_size, metrics=self.metrics,
-                               detach=self._detach).run(response)
+                               detach=self._detach, threads=self._threads).run(response)
                 finally:
                     await response.aclose()
             if fill.relay is None:
@@ -322,3 +324,4 @@ class Fills:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._threads.shutdown(wait=False)  # the cancelled downloads have joined theirs
