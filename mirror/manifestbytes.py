@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass, replace
 
 import cachetools
+from prometheus_client import Counter
 
 from mirror import errors, oci
 from mirror.flight import SingleFlight, exclusive
@@ -61,10 +62,16 @@ class ManifestBytes:
         self._hot: cachetools.LRUCache[Digest, Manifest] = cachetools.LRUCache(
             hot_bytes, getsizeof=lambda m: len(m.data) + 200)
         self._flight = SingleFlight()
+        # Bound children: `labels()` per lookup costs more than the increment.
+        self._lookups: dict[tuple[str, str], Counter] = {}
 
     def _lookup(self, kind: str, result: str) -> None:
         if self.metrics is not None:
-            self.metrics.lookups.labels(kind, result).inc()
+            child = self._lookups.get((kind, result))
+            if child is None:  # kinds and results are literals: a handful of entries
+                child = self._lookups[(kind, result)] = self.metrics.lookups.labels(kind,
+                                                                                    result)
+            child.inc()
 
     async def cached(self, digest: Digest) -> Manifest | None:
         manifest = self._hot.get(digest)

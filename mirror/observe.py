@@ -11,6 +11,7 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from prometheus_client import Counter, Histogram
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -29,6 +30,7 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 log = logging.getLogger("mirror.observe")
+MAX_CHILDREN = 1024  # bound metric children kept per middleware
 
 
 class AccessLog:
@@ -41,6 +43,14 @@ class AccessLog:
         self.fd = fd
         self.lines: list[str] = []
         self._scheduled = False
+        self._second = -1  # the time stamp is formatted once a second, not once a line
+        self._stamp = ""
+
+    def timestamp(self) -> str:
+        now = time.time()
+        if int(now) != self._second:
+            self._second, self._stamp = int(now), timestamp(now)
+        return self._stamp
 
     def write(self, line: str) -> None:
         self.lines.append(line)
@@ -75,6 +85,8 @@ class Observe:
         self.log_format = log_format
         self.access = access
         self.audit = audit
+        # Bound children by (route, method, status): `labels()` costs more than the update.
+        self._children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -107,14 +119,25 @@ class Observe:
             elapsed = time.perf_counter() - started
             route = scope.get("route")
             label = route.path.replace(":path", "") if route is not None else "unmatched"
-            self.metrics.requests.labels(label, scope["method"], str(status)).inc()
-            self.metrics.request_seconds.labels(label).observe(elapsed)
+            count, seconds = self._metrics(label, scope["method"], status)
+            count.inc()
+            seconds.observe(elapsed)
             if self.log_format != "off":
                 self._log(scope, status, sent, elapsed)
             if self.audit is not None:
                 entry = entry_of(scope, status, sent, headers)
                 if entry is not None:
                     self.audit.add(entry)
+
+    def _metrics(self, label: str, method: str, status: int) -> tuple[Counter, Histogram]:
+        key = (label, method, status)
+        children = self._children.get(key)
+        if children is None:
+            children = (self.metrics.requests.labels(label, method, str(status)),
+                        self.metrics.request_seconds.labels(label))
+            if len(self._children) < MAX_CHILDREN:  # the method is the client's: bounded
+                self._children[key] = children
+        return children
 
     def _log(self, scope: Scope, status: int, sent: int, elapsed: float) -> None:
         state = scope.get("state") or {}
@@ -127,7 +150,7 @@ class Observe:
         if scope.get("query_string"):
             path += "?" + scope["query_string"].decode("latin-1")
         client = (scope.get("client") or ("-",))[0]
-        now = timestamp()
+        now = self.access.timestamp()
         if self.log_format == "json":  # json.dumps escapes control characters itself
             self.access.write(json.dumps({
                 "time": now, "client": client, "method": scope["method"], "path": path,
