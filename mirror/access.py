@@ -168,6 +168,10 @@ class Access:
                       lasting: bool = False) -> bool:
         """Whether C may read R now; `lasting`: a grant of any age counts (rule 5)."""
         grant = await self.metadata.granted(client.name, repo, caller.identity)
+        return self._counts(client, grant, lasting)
+
+    def _counts(self, client: UpstreamClient, grant: Grant | None,
+                lasting: bool = False) -> bool:
         if grant is None:
             return False
         if client.offline or lasting:
@@ -235,9 +239,10 @@ class Access:
         "blobs"); raise the error it should see otherwise."""
         self.check_binding(client, caller)
         name, text = client.name, str(digest)
-        if (await self.granted(client, repo, caller)
-                and await self.metadata.linked(name, repo, text)):
-            return Decision(await self._holds(name, digest))
+        grant, linked, held = await self.metadata.readable(name, repo, caller.identity, text)
+        if self._counts(client, grant) and linked:
+            # (the store looks further than the metadata only when the metadata says no)
+            return Decision(held or await self._holds(name, digest))
         if client.offline:
             raise self.unproven(client, repo, caller)
         credential = self.probe_credential(client, caller)

@@ -275,6 +275,14 @@ class Metadata(abc.ABC):
     @abc.abstractmethod
     async def granted(self, upstream: str, repo: str, identity: str) -> Grant | None: ...
 
+    async def readable(self, upstream: str, repo: str, identity: str,
+                       digest: str) -> tuple[Grant | None, bool, bool]:
+        """`granted`, then `linked` if granted, then `holds` if linked, as one read where the
+        store can (each a fresh read: nothing is remembered)."""
+        grant = await self.granted(upstream, repo, identity)
+        linked = grant is not None and await self.linked(upstream, repo, digest)
+        return grant, linked, linked and await self.holds(upstream, digest)
+
     @abc.abstractmethod
     async def revoke(self, upstream: str, repo: str, identity: str) -> None: ...
 
