@@ -99,9 +99,12 @@ def create_app(settings: Settings) -> Starlette:
         await parts.aclose()
 
     app = Starlette(
-        routes=health.routes(with_metrics=not settings.metrics_listen)
+        # The pull routes first: every cached read is matched against the routes before
+        # its own. For GET and HEAD no other route's path matches theirs (and for other
+        # methods a later route's full match still wins), so the order decides nothing.
+        routes=handlers.routes() + health.routes(with_metrics=not settings.metrics_listen)
         + internal + admin + ListingHandlers(handlers).routes() + pushes.routes()
-        + handlers.routes() + (browser.routes() if browser is not None else []),
+        + (browser.routes() if browser is not None else []),
         exception_handlers={
             errors.RegistryError: handlers.on_registry_error,
             HTTPException: handlers.on_http_error,
