@@ -473,6 +473,33 @@ async def test_grants(meta: Metadata) -> None:
     await meta.revoke("docker.io", "r", "alice")
 
 
+async def test_readable_is_granted_linked_and_held_in_one(meta: Metadata) -> None:
+    """The three facts a cached read needs, each exactly as its own operation answers it."""
+    alice = Grant("docker.io", "r", "alice", 100.0, False)
+
+    async def facts(upstream: str, repo: str, identity: str,
+                    digest_: str) -> tuple[Grant | None, bool, bool]:
+        return await meta.readable(upstream, repo, identity, digest_)
+
+    assert await facts("docker.io", "r", "alice", D1) == (None, False, False)
+    await meta.link("docker.io", "r", [D1])
+    await meta.add_holder(D1, "docker.io")
+    assert await facts("docker.io", "r", "alice", D1) == (None, False, False)  # no grant
+    await meta.grant(alice)
+    assert await facts("docker.io", "r", "alice", D1) == (alice, True, True)
+    assert await facts("docker.io", "r", "bob", D1) == (None, False, False)
+    assert await facts("docker.io", "r", "alice", D2) == (alice, False, False)  # not linked
+    await meta.link("docker.io", "r", [D2])
+    assert await facts("docker.io", "r", "alice", D2) == (alice, True, False)  # not held
+    await meta.add_holder(D2, "ghcr.io")  # another upstream's delivery
+    assert await facts("docker.io", "r", "alice", D2) == (alice, True, False)
+    await meta.grant(Grant("ghcr.io", "r", "alice", 100.0, False))
+    assert await facts("ghcr.io", "r", "alice", D1) == (
+        Grant("ghcr.io", "r", "alice", 100.0, False), False, False)
+    await meta.revoke("docker.io", "r", "alice")
+    assert await facts("docker.io", "r", "alice", D1) == (None, False, False)
+
+
 async def test_prune_grants_drops_only_old_transient_ones(meta: Metadata,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(redis_module, "BATCH", 4)  # several prune steps

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import re
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -110,6 +111,8 @@ async def exercise(meta: Metadata) -> set[str]:
     await call("bump_generation")
     await call("linked", "docker.io", "r1", digest(1))
     await call("granted", "docker.io", "r1", "id1")
+    await call("readable", "docker.io", "r1", "id1", digest(1))
+    await call("readable", "docker.io", "r1", "nobody", digest(1))
     await call("upstream_names")
     await call("iter_repos", "docker.io")
     await call("pinned", digest(1))
@@ -134,8 +137,9 @@ async def exercise(meta: Metadata) -> set[str]:
 
 
 def plan(db: sqlite3.Connection, sql: str) -> list[str]:
-    return [str(row[3]) for row in db.execute("EXPLAIN QUERY PLAN " + sql,
-                                              (None,) * sql.count("?"))]
+    numbered = [int(n) for n in re.findall(r"\?(\d+)", sql)]  # ?1, ?2: each bound once
+    count = max(numbered) if numbered else sql.count("?")
+    return [str(row[3]) for row in db.execute("EXPLAIN QUERY PLAN " + sql, (None,) * count)]
 
 
 @pytest.fixture
@@ -156,7 +160,10 @@ def test_every_statement_searches_an_index(tmp_path: Path, statements: set[str])
     bad: dict[str, list[str]] = {}
     for sql in sorted(statements):
         lines = plan(db, sql)
-        scans = [ln for ln in lines if ln.startswith("SCAN") and ln not in ALLOWED_SCANS]
+        # A scan of a subquery's rows reads no table (the subquery's own table reads are
+        # lines of their own); here it is the one constant row a LEFT JOIN starts from.
+        scans = [ln for ln in lines if ln.startswith("SCAN") and ln not in ALLOWED_SCANS
+                 and not ln.startswith("SCAN (subquery-")]
         sorts = [ln for ln in lines if "TEMP B-TREE FOR ORDER BY" in ln]
         if scans or sorts:
             bad[sql] = lines
