@@ -49,6 +49,9 @@ from mirror.upstream import BodyBroken, SocketBody, Streamed
 BUFFER = CHUNK  # 1 MiB: read, hash and write in one reused buffer
 WAKE_EVERY = 4 * CHUNK  # readers are woken when this much more landed (spans this long)
 FLUSH_INTERVAL = 0.05  # and at least this often (slow downloads)
+# Blocks are reserved this far ahead of what landed, never the whole announced size at
+# once: an upstream that announces 10 GB and stalls holds this much disk, not 10 GB.
+RESERVE_AHEAD = 64 * CHUNK
 UPLOAD_AHEAD = 8  # buffers queued for the object store before the thread waits for it
 RESUMES = 3  # a broken download is resumed this many times before the fill gives up
 log = logging.getLogger("mirror.fills")
@@ -91,6 +94,7 @@ class Pump:
         self.response: Streamed | None = None
         self.uploader = _Uploader(fill.upload, self) if fill.upload is not None else None
         self.unannounced = 0  # bytes landed since the readers were last woken
+        self.reserved = 0  # the partial's blocks allocated so far (`reserve`)
         self._stopping = False
 
     # -- on the event loop ------------------------------------------------------------------
@@ -230,6 +234,11 @@ class Pump:
         self.hasher.update(piece)
         rest = piece
         if fill.relay is None:
+            end = fill.written + len(piece)
+            if fill.size is not None and self.reserved < min(end, fill.size):
+                ahead = min(fill.size, end + RESERVE_AHEAD) - self.reserved
+                reserve(self.fd, self.reserved, ahead)
+                self.reserved += ahead
             landed = _write(self.fd, piece)
             if landed < len(piece):
                 self._call(_run_sync(self.detach, fill, fill.written + landed))
@@ -322,14 +331,15 @@ class _Uploader:
         self.task.cancel()
 
 
-def reserve(fd: int, size: int) -> None:
-    """Allocate the partial's blocks up front, its length unchanged (readers in other workers
-    go by it): the filesystem then has no block to reserve per page written, a sixth of
-    the cost of writing here (ext4). Where that cannot be done (another filesystem, too
-    little room), writes allocate as they go, as usual."""
+def reserve(fd: int, offset: int, length: int) -> None:
+    """Allocate the partial's blocks ahead of the writes, its length unchanged (readers in
+    other workers go by it): the filesystem then has no block to reserve per page written,
+    a sixth of the cost of writing here (ext4). Where that cannot be done (another
+    filesystem, too little room), writes allocate as they go, as usual."""
     if _fallocate is None:
         return
-    if _fallocate(fd, FALLOC_FL_KEEP_SIZE, ctypes.c_int64(0), ctypes.c_int64(size)) != 0:
+    if _fallocate(fd, FALLOC_FL_KEEP_SIZE, ctypes.c_int64(offset),
+                  ctypes.c_int64(length)) != 0:
         log.debug("no room reserved for a partial: %s", os.strerror(ctypes.get_errno()))
 
 

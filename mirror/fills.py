@@ -25,7 +25,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-from mirror.datapath import MAX_THREADS, DigestMismatch, Fetch, Pump, reserve
+from mirror.datapath import MAX_THREADS, DigestMismatch, Fetch, Pump
 from mirror.errors import RegistryError, UpstreamError, UpstreamTimeout
 from mirror.metrics import Metrics
 from mirror.objectstore import Writer
@@ -221,8 +221,6 @@ class Fills:
                     fill.size = self._announced(fill, response)
                     try:
                         fill.fd = fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-                        if fill.size:
-                            reserve(fd, fill.size)
                         if size_path is not None:
                             tmp = size_path.with_suffix(f".{os.getpid()}")
                             try:

@@ -200,3 +200,38 @@ def test_a_bearer_token_that_is_not_ascii_is_refused_not_forwarded() -> None:
     with pytest.raises(errors.Unauthorized):
         identities.caller("Bearer caf\xe9", "up")
     assert identities.caller("Bearer abc.def-ghi", "up").credential is not None
+
+
+def test_a_stalled_download_holds_disk_only_a_little_ahead_of_its_bytes(store: Store) -> None:
+    """An upstream may announce a layer of any size up to the cap and then stall: the
+    partial's blocks are reserved a bounded step ahead of what landed, never the whole
+    announced size, so stalled downloads cannot take the disk from the others."""
+    from mirror.datapath import RESERVE_AHEAD
+
+    announced = 4 * RESERVE_AHEAD
+    sent = 2 * 1024 * KiB
+    digest = Digest("sha256", "0" * 64)
+    stalled = asyncio.Event()
+
+    async def body() -> AsyncIterator[bytes]:
+        yield os.urandom(sent)
+        stalled.set()
+        await asyncio.Event().wait()  # never more
+        yield b""
+
+    async def fetch(offset: int = 0) -> httpx.Response:
+        return httpx.Response(200, headers={"content-length": str(announced)}, content=body())
+
+    async def scenario() -> int:
+        fills = Fills(store, max_size=announced)
+        reader = await fills.open(digest, fetch)
+        await asyncio.wait_for(stalled.wait(), 10)
+        await asyncio.sleep(0.2)  # the bytes land
+        (part,) = store.tmp.glob("*.part")
+        blocks = os.stat(part).st_blocks * 512
+        reader.close()
+        await fills.aclose()
+        return blocks
+
+    held = asyncio.run(scenario())
+    assert sent <= held <= sent + RESERVE_AHEAD + 1024 * KiB
