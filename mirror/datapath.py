@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -336,13 +337,15 @@ def reserve(fd: int, offset: int, length: int) -> None:
     other workers go by it): the filesystem then has no block to reserve per page written,
     a sixth of the cost of writing here (ext4). Where that cannot be done (another
     filesystem, too little room), writes allocate as they go, as usual."""
-    if _fallocate is None:
+    fallocate = _libc_fallocate()
+    if fallocate is None:
         return
-    if _fallocate(fd, FALLOC_FL_KEEP_SIZE, ctypes.c_int64(offset),
-                  ctypes.c_int64(length)) != 0:
+    if fallocate(fd, FALLOC_FL_KEEP_SIZE, ctypes.c_int64(offset),
+                 ctypes.c_int64(length)) != 0:
         log.debug("no room reserved for a partial: %s", os.strerror(ctypes.get_errno()))
 
 
+@functools.cache  # loaded on first use, not at import
 def _libc_fallocate() -> Any:
     try:
         return ctypes.CDLL(None, use_errno=True).fallocate
@@ -351,7 +354,6 @@ def _libc_fallocate() -> Any:
 
 
 FALLOC_FL_KEEP_SIZE = 1
-_fallocate = _libc_fallocate()
 
 
 def _write(fd: int, data: memoryview) -> int:
