@@ -23,7 +23,6 @@ from starlette.types import Receive, Scope, Send
 
 from mirror.errors import StreamAborted
 from mirror.readers import Reader, Span
-from mirror.store import CHUNK
 
 ZERO_COPY = "http.response.zerocopysend"
 
@@ -64,29 +63,27 @@ class BlobResponse(StreamingResponse):
     async def stream_response(self, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code,
                     "headers": self.raw_headers})
-        reader = self.reader
-        async with contextlib.aclosing(reader.parts(*self.span)) as parts:
-            async for part in parts:
-                if not isinstance(part, Span):
-                    await self._body(send, part)
-                elif self.zero_copy:
-                    try:
-                        await send({"type": ZERO_COPY, "file": _File(part.fd),
-                                    "offset": part.offset, "count": part.count,
-                                    "more_body": True})
-                    except EOFError as exc:
-                        raise StreamAborted(str(exc)) from None
-                    if self.sent is not None:
-                        self.sent(part.count)
-                else:
-                    pos, end = part.offset, part.offset + part.count
-                    while pos < end:
-                        data = reader.read(part.fd, pos, min(CHUNK, end - pos))
-                        if not data:
-                            raise StreamAborted(f"blob ended early at byte {pos}")
-                        pos += len(data)
-                        await self._body(send, data)
+        if self.zero_copy:
+            async with contextlib.aclosing(self.reader.parts(*self.span)) as parts:
+                async for part in parts:
+                    if isinstance(part, Span):
+                        await self._span(send, part)
+                    else:
+                        await self._body(send, part)
+        else:  # the same bytes, spans read inline
+            async with contextlib.aclosing(self.reader.chunks(*self.span)) as chunks:
+                async for data in chunks:
+                    await self._body(send, data)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _span(self, send: Send, span: Span) -> None:
+        try:
+            await send({"type": ZERO_COPY, "file": _File(span.fd), "offset": span.offset,
+                        "count": span.count, "more_body": True})
+        except EOFError as exc:
+            raise StreamAborted(str(exc)) from None
+        if self.sent is not None:
+            self.sent(span.count)
 
     async def _body(self, send: Send, data: bytes | memoryview) -> None:
         await send({"type": "http.response.body", "body": data, "more_body": True})
