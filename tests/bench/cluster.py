@@ -45,11 +45,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
-import importlib.metadata
 import json
 import os
-import platform
 import shutil
 import signal
 import socket
@@ -60,9 +57,8 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -71,17 +67,32 @@ for entry in (REPO_ROOT / "tests", BENCH_DIR):
     if str(entry) not in sys.path:
         sys.path.insert(0, str(entry))
 
+import common  # noqa: E402
+from common import (  # noqa: E402
+    TICK,
+    BenchError,
+    RssSampler,
+    abort_on,
+    cpu_seconds,
+    loadavg,
+    log,
+    machine,
+    packages,
+    print_results,
+    process_tree,
+    report_tail,
+    show,
+    show_ratio,
+    tool_version,
+    warn_if_busy,
+)
 from run import (  # noqa: E402  (the existing benchmark's helpers)
     CURL_FORMAT,
     BenchImage,
     CurlResult,
-    RssSampler,
     build_image,
-    loadavg,
     parse_curl,
-    process_tree,
     push_image,
-    tool_version,
 )
 from support.ceph import Ceph, GiB, missing_binaries  # noqa: E402
 from support.procs import MirrorProc, clean_env  # noqa: E402
@@ -92,17 +103,8 @@ MiB = 1 << 20
 UPSTREAM_NAME = "up"
 BUCKET = "bench"
 HOT_CACHE = "8GiB"
-TICK = os.sysconf("SC_CLK_TCK")
 SETTLE = 0.3  # seconds after a transfer before the CPU counters are read again
 MODES = ("s3", "s3-hot", "local", "redirect", "direct")
-
-
-class BenchError(RuntimeError):
-    """A measurement could not be made, or what it measured was wrong."""
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 # -- configuration --------------------------------------------------------------------------
@@ -127,19 +129,6 @@ class Config:
 
 
 # -- measuring ------------------------------------------------------------------------------
-
-
-def cpu_seconds(pids: Iterable[int]) -> float:
-    """utime + stime + cutime + cstime of `pids` (every thread; reaped children too)."""
-    ticks = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                fields = f.read().rpartition(b")")[2].split()
-        except OSError:
-            continue
-        ticks += sum(int(x) for x in fields[11:15])  # fields 14-17 of stat(5)
-    return ticks / TICK
 
 
 def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
@@ -298,42 +287,13 @@ def collapsed_summary(path: Path, top: int = 8) -> dict[str, Any]:
 # -- the benchmark --------------------------------------------------------------------------
 
 
-@dataclass
-class Row:
-    metric: str
-    value: str
-    reference: str
-    ratio: str
+class Results(common.Results):
+    head = ("metric", "value", "reference", "ratio")
 
-
-@dataclass
-class Results:
-    rows: list[Row] = field(default_factory=list)
-    raw: dict[str, Any] = field(default_factory=dict)
-    errors: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    def add(self, metric: str, value: float | str | None, reference: float | str | None = None,
-            ratio: float | None = None, fmt: str = "{:.1f}") -> None:
-        def show(v: float | str | None) -> str:
-            if v is None:
-                return "-"
-            return v if isinstance(v, str) else fmt.format(v)
-        self.rows.append(Row(metric, show(value), show(reference),
-                             "-" if ratio is None else f"{ratio:.2f}"))
-
-
-def fmt_table(rows: Sequence[Row], markdown: bool) -> str:
-    head = ["metric", "value", "reference", "ratio"]
-    cells = [head] + [[r.metric, r.value, r.reference, r.ratio] for r in rows]
-    if markdown:
-        lines = ["| " + " | ".join(c) + " |" for c in cells]
-        lines.insert(1, "| " + " | ".join("---" for _ in head) + " |")
-        return "\n".join(lines)
-    widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
-    lines = ["  ".join(c[i].ljust(widths[i]) for i in range(len(head))).rstrip() for c in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    def add(self, metric: str, value: float | str | None,
+            reference: float | str | None = None, ratio: float | None = None,
+            fmt: str = "{:.1f}") -> None:
+        self.rows.append([metric, show(value, fmt), show(reference, fmt), show_ratio(ratio)])
 
 
 def median(values: Iterable[float]) -> float:
@@ -897,45 +857,13 @@ class Bench:
 
 
 def environment() -> dict[str, str]:
-    def pkg(name: str) -> str:
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            return "?"
-
-    cpu = "?"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
-    commit = tool_version(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"])
-    dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "mirror"],
-                           capture_output=True, text=True, timeout=10).stdout.strip()
-    return {
-        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "nproc": str(os.cpu_count()),
-        "cpu": cpu,
-        "memory": f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.1f} GiB",
-        "kernel": platform.release(),
-        "load average at start (1, 5, 15 min)": loadavg(),
-        "mirror": f"git {commit}{' + uncommitted changes in mirror/' if dirty else ''}",
-        "python": platform.python_version(),
-        "packages": ", ".join(f"{p} {pkg(p)}" for p in
-                              ("obstore", "uvicorn", "starlette", "aiohttp", "uvloop", "redis")),
+    return machine() | {
+        "packages": packages(("obstore", "uvicorn", "starlette", "aiohttp", "uvloop", "redis")),
         "radosgw": tool_version(["radosgw", "--version"]),
         "redis-server": tool_version(["redis-server", "--version"]),
         "docker-registry": tool_version(["docker-registry", "--version"]),
         "curl": tool_version(["curl", "--version"]),
     }
-
-
-def raw_text(raw: dict[str, Any], depth: int = 0) -> str:
-    lines = []
-    for key, value in raw.items():
-        if isinstance(value, dict) and depth < 1:
-            lines.append(f"{'  ' * depth}{key}:")
-            lines.append(raw_text(value, depth + 1))
-        else:
-            lines.append(f"{'  ' * depth}{key}: {json.dumps(value)}")
-    return "\n".join(lines)
 
 
 def report(cfg: Config, env: dict[str, str], res: Results, seconds: float) -> str:
@@ -952,14 +880,8 @@ def report(cfg: Config, env: dict[str, str], res: Results, seconds: float) -> st
         "Medians; ratio = value / reference. MB = 10^6 bytes. CPU s/GB: CPU seconds (user +",
         "system, all threads, reaped children) per 10^9 bytes delivered to the client.",
         "",
-        fmt_table(res.rows, markdown=True),
-        "",
+        *report_tail(res, nest=1),
     ]
-    if res.errors:
-        lines += ["## Errors", "", *(f"- {e}" for e in res.errors), ""]
-    if res.notes:
-        lines += ["## Notes", "", *(f"- {n}" for n in res.notes), ""]
-    lines += ["## Raw runs", "", "```", raw_text(res.raw), "```", ""]
     return "\n".join(lines)
 
 
@@ -970,10 +892,6 @@ def append_report(path: Path, text: str) -> None:
 
 
 # -- main -----------------------------------------------------------------------------------
-
-
-def _abort(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -992,17 +910,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if missing:
         print(f"bench: missing {', '.join(missing)} (tests/run installs them)", file=sys.stderr)
         return 2
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM):  # SIGINT: even if ignored
-        signal.signal(signum, _abort)
-    signal.alarm(cfg.hard_limit_s)
+    # SIGINT: even if ignored
+    abort_on((signal.SIGINT, signal.SIGTERM, signal.SIGALRM), cfg.hard_limit_s)
     work = Path(tempfile.mkdtemp(prefix="mirror-s3bench-"))
     bench = Bench(cfg, work, args.profile)
     started = time.monotonic()
     env = environment()
     log(f"work directory {work}; {env['nproc']} CPUs; mirror {env['mirror']}; "
         f"load {loadavg()}")
-    if os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1):
-        log(f"warning: the machine is busy (load average {loadavg()}): numbers will be noisy")
+    warn_if_busy()
     phases: list[tuple[str, Callable[[], None]]] = [
         ("1. cold", bench.cold), ("2/3. hits", bench.hits),
         ("3. redirect answers", bench.redirect_answers)]
@@ -1038,14 +954,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{whole['ours_cores']:.2f}) over {whole['wall_s']:.0f} s")
         text = report(cfg, env, bench.res, time.monotonic() - started)
         append_report(args.output, text)
-        print("\n" + fmt_table(bench.res.rows, markdown=False) + "\n")
-        print("raw runs:\n" + raw_text(bench.res.raw))
-        for e in bench.res.errors:
-            print(f"ERROR: {e}")
-        for n in bench.res.notes:
-            print(f"note: {n}")
-        print(f"\nreport appended to {args.output}")
-        return 1 if bench.res.errors else 0
+        return print_results(bench.res, args.output, "appended", nest=1)
     finally:
         signal.alarm(0)
         bench.cleanup()

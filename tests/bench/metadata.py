@@ -33,12 +33,10 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import datetime as dt
 import hashlib
 import json
 import math
 import os
-import platform
 import random
 import shutil
 import signal
@@ -50,9 +48,8 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -61,14 +58,20 @@ REPO_ROOT = BENCH_DIR.parents[1]
 sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "tests"), str(BENCH_DIR)]
 
 import httpx  # noqa: E402
-from run import (  # noqa: E402
+from common import (  # noqa: E402
+    BenchError,
+    Comparison,
     RssSampler,
+    abort_on,
     loadavg,
     log,
+    machine,
+    print_results,
     process_tree,
-    raw_text,
+    report_tail,
     rss_kib,
     tool_version,
+    warn_if_busy,
 )
 from support.procs import MirrorProc, Proc, clean_env, free_port, wait_http  # noqa: E402
 from support.redisd import RedisServer  # noqa: E402
@@ -188,10 +191,6 @@ http {
 """
 
 
-class BenchError(RuntimeError):
-    """A measurement could not be made, or what it measured was wrong."""
-
-
 # -- configuration ------------------------------------------------------------------------
 
 
@@ -232,52 +231,8 @@ class Config:
 # -- results --------------------------------------------------------------------------------
 
 
-@dataclass
-class Row:
-    metric: str
-    big: str
-    empty: str
-    ratio: str
-    target: str
-    ok: str  # "yes", "NO", "-" (no target), "error"
-
-
-@dataclass
-class Results:
-    rows: list[Row] = field(default_factory=list)
-    raw: dict[str, Any] = field(default_factory=dict)
-    errors: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    def add(self, metric: str, big: float | str | None, empty: float | str | None,
-            ratio: float | None = None, target: str = "-", ok: bool | None = None,
-            fmt: str = "{:.1f}") -> None:
-        def show(v: float | str | None) -> str:
-            if v is None:
-                return "-"
-            return v if isinstance(v, str) else fmt.format(v)
-        self.rows.append(Row(metric, show(big), show(empty),
-                             "-" if ratio is None else f"{ratio:.2f}", target,
-                             "-" if ok is None else ("yes" if ok else "NO")))
-
-    def error(self, metric: str, message: str) -> None:
-        self.errors.append(f"{metric}: {message}")
-        self.rows.append(Row(metric, "error", "error", "-", "-", "error"))
-
-
-HEAD = ["metric", "at size", "empty", "ratio", "target", "ok"]
-
-
-def fmt_table(rows: Sequence[Row], markdown: bool) -> str:
-    cells = [HEAD] + [[r.metric, r.big, r.empty, r.ratio, r.target, r.ok] for r in rows]
-    if markdown:
-        lines = ["| " + " | ".join(c) + " |" for c in cells]
-        lines.insert(1, "| " + " | ".join("---" for _ in HEAD) + " |")
-        return "\n".join(lines)
-    widths = [max(len(c[i]) for c in cells) for i in range(len(HEAD))]
-    lines = ["  ".join(c[i].ljust(widths[i]) for i in range(len(HEAD))).rstrip() for c in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+class Results(Comparison):
+    head = ("metric", "at size", "empty", "ratio", "target", "ok")
 
 
 def median(values: Sequence[float]) -> float:
@@ -1013,21 +968,7 @@ class Bench:
 
 
 def environment() -> dict[str, str]:
-    cpu = "?"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
-    commit = tool_version(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"])
-    dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "mirror"],
-                           capture_output=True, text=True, timeout=10).stdout.strip()
-    return {
-        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "nproc": str(os.cpu_count()),
-        "cpu": cpu,
-        "memory": f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.1f} GiB",
-        "kernel": platform.release(),
-        "load average at start (1, 5, 15 min)": loadavg(),
-        "mirror": f"git {commit}{' + uncommitted changes in mirror/' if dirty else ''}",
-        "python": platform.python_version(),
+    return machine() | {
         "sqlite": sqlite3.sqlite_version,
         "nginx": tool_version(["nginx", "-v"]),
         "redis-server": tool_version(["redis-server", "--version"]),
@@ -1050,14 +991,8 @@ def report(cfg: Config, env: dict[str, str], res: Results, seconds: float) -> st
         "",
         "Medians; ratio = at size / empty.",
         "",
-        fmt_table(res.rows, markdown=True),
-        "",
+        *report_tail(res, "###"),
     ]
-    if res.errors:
-        lines += ["### Errors", "", *(f"- {e}" for e in res.errors), ""]
-    if res.notes:
-        lines += ["### Notes", "", *(f"- {n}" for n in res.notes), ""]
-    lines += ["### Raw runs", "", "```", raw_text(res.raw), "```", ""]
     return "\n".join(lines)
 
 
@@ -1068,10 +1003,6 @@ def append_report(path: Path, text: str) -> None:
 
 
 # -- main -----------------------------------------------------------------------------------
-
-
-def _abort(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1101,17 +1032,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     import uvloop
 
     uvloop.install()
-    signal.signal(signal.SIGTERM, _abort)
-    signal.signal(signal.SIGALRM, _abort)
-    signal.alarm(cfg.hard_limit_s)
+    abort_on((signal.SIGTERM, signal.SIGALRM), cfg.hard_limit_s)
     work = Path(tempfile.mkdtemp(prefix="mirror-metadata-bench-"))
     work.chmod(0o755)  # nginx's worker (another user when started as root) reads www/
     bench = Bench(cfg, work)
     started = time.monotonic()
     env = environment()
     log(f"work directory {work}; {env['nproc']} CPUs; mirror {env['mirror']}")
-    if os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1):
-        log(f"warning: the machine is busy (load average {loadavg()}): numbers will be noisy")
+    warn_if_busy()
     try:
         phases: list[tuple[str, str, Callable[[], None]]] = [
             ("1", "1. store at scale (interface)", bench.store_scale),
@@ -1134,15 +1062,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         env["load average at end"] = loadavg()
         text = report(cfg, env, bench.res, time.monotonic() - started)
         append_report(args.output, text)
-        print("\n" + fmt_table(bench.res.rows, markdown=False) + "\n")
         bench.res.raw.pop("phase_seconds", None)
-        print("raw runs:\n" + raw_text(bench.res.raw))
-        for e in bench.res.errors:
-            print(f"ERROR: {e}")
-        for n in bench.res.notes:
-            print(f"note: {n}")
-        print(f"\nreport appended to {args.output}")
-        return 1 if bench.res.errors else 0
+        return print_results(bench.res, args.output, "appended")
     finally:
         signal.alarm(0)
         bench.cleanup()

@@ -33,13 +33,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import functools
 import hashlib
-import importlib.metadata
 import json
 import os
-import platform
 import shutil
 import signal
 import socket
@@ -52,9 +49,8 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import httpx
@@ -64,6 +60,23 @@ REPO_ROOT = BENCH_DIR.parents[1]
 if str(REPO_ROOT / "tests") not in sys.path:
     sys.path.insert(0, str(REPO_ROOT / "tests"))
 
+from common import (  # noqa: E402
+    BenchError,
+    Comparison,
+    CpuMeter,
+    RssSampler,
+    abort_on,
+    cpu_seconds,
+    loadavg,
+    log,
+    machine,
+    packages,
+    print_results,
+    process_tree,
+    report_tail,
+    tool_version,
+    warn_if_busy,
+)
 from support.images import (  # noqa: E402
     OCI_CONFIG,
     OCI_LAYER_TAR,
@@ -96,10 +109,6 @@ done = function(summary, latency, requests)
     e.timeout, latency:percentile(50), latency:percentile(99)))
 end
 """
-
-
-class BenchError(RuntimeError):
-    """A measurement could not be made, or what it measured was wrong."""
 
 
 # -- configuration --------------------------------------------------------------------------
@@ -139,54 +148,8 @@ class Config:
 # -- results --------------------------------------------------------------------------------
 
 
-@dataclass
-class Row:
-    metric: str
-    mirror: str
-    other: str
-    ratio: str
-    target: str
-    ok: str  # "yes", "NO", "-" (no target), "error"
-
-
-@dataclass
-class Results:
-    rows: list[Row] = field(default_factory=list)
-    raw: dict[str, Any] = field(default_factory=dict)
-    errors: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    def add(self, metric: str, mirror: float | str | None, other: float | str | None,
-            ratio: float | None = None, target: str = "-", ok: bool | None = None,
-            fmt: str = "{:.1f}") -> None:
-        def show(v: float | str | None) -> str:
-            if v is None:
-                return "-"
-            return v if isinstance(v, str) else fmt.format(v)
-        self.rows.append(Row(metric, show(mirror), show(other),
-                             "-" if ratio is None else f"{ratio:.2f}", target,
-                             "-" if ok is None else ("yes" if ok else "NO")))
-
-    def error(self, metric: str, message: str) -> None:
-        self.errors.append(f"{metric}: {message}")
-        self.rows.append(Row(metric, "error", "error", "-", "-", "error"))
-
-
-def fmt_table(rows: Sequence[Row], markdown: bool) -> str:
-    head = ["metric", "mirror", "other (as named)", "ratio", "target", "ok"]
-    cells = [head] + [[r.metric, r.mirror, r.other, r.ratio, r.target, r.ok] for r in rows]
-    if markdown:
-        lines = ["| " + " | ".join(c) + " |" for c in cells]
-        lines.insert(1, "| " + " | ".join("---" for _ in head) + " |")
-        return "\n".join(lines)
-    widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
-    lines = ["  ".join(c[i].ljust(widths[i]) for i in range(len(head))).rstrip() for c in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+class Results(Comparison):
+    head = ("metric", "mirror", "other (as named)", "ratio", "target", "ok")
 
 
 # -- test data ------------------------------------------------------------------------------
@@ -303,165 +266,6 @@ def curl(url: str, out: str = "/dev/null", max_time: float = 300) -> CurlResult:
     if p.returncode != 0:
         raise BenchError(f"curl {url} failed ({p.returncode}): {p.stderr.strip()}")
     return parse_curl(p.stdout)
-
-
-def tool_version(argv: Sequence[str]) -> str:
-    try:
-        p = subprocess.run(argv, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"unknown ({exc})"
-    text = (p.stdout or p.stderr).strip()
-    return text.splitlines()[0] if text else "unknown"
-
-
-def proc_stat_ppids() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        ppid = int(stat.rpartition(b")")[2].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    return children
-
-
-def process_tree(root: int) -> list[int]:
-    """`root` and all its descendants (from the ppids in /proc/*/stat)."""
-    children = proc_stat_ppids()
-    out: list[int] = []
-    todo = [root]
-    while todo and len(out) < 10_000:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(children.get(pid, []))
-    return out
-
-
-def rss_kib(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return "?"
-
-
-class RssSampler:
-    """Samples the summed VmRSS of a process tree every `interval` s in a thread."""
-
-    def __init__(self, root: int, interval: float = 0.05, max_seconds: float = 900) -> None:
-        self.root = root
-        self.interval = interval
-        self.max_seconds = max_seconds
-        self.peak: dict[int, int] = {}  # pid -> peak KiB
-        self.names: dict[int, str] = {}
-        self.peak_sum = 0
-        self.first_sum = 0
-        self.samples = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
-
-    def __enter__(self) -> RssSampler:
-        self.sample()
-        self.first_sum = self.peak_sum
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.sample()
-
-    def _run(self) -> None:
-        deadline = time.monotonic() + self.max_seconds
-        while not self._stop.wait(self.interval) and time.monotonic() < deadline:
-            self.sample()
-
-    def sample(self) -> None:
-        total = 0
-        for pid in process_tree(self.root):
-            kib = rss_kib(pid)
-            total += kib
-            if pid not in self.names:
-                self.names[pid] = cmdline(pid)
-            self.peak[pid] = max(self.peak.get(pid, 0), kib)
-        self.peak_sum = max(self.peak_sum, total)
-        self.samples += 1
-
-    def role(self, pid: int) -> str:
-        name = self.names.get(pid, "")
-        if pid == self.root:
-            return "main"
-        if "spawn_main" in name:
-            return "worker"
-        if "resource_tracker" in name:
-            return "resource_tracker"
-        return "other: " + name[:60]
-
-    def per_process(self) -> list[str]:
-        return [f"{self.role(pid)} pid {pid}: {kib / 1024:.1f} MiB"
-                for pid, kib in sorted(self.peak.items())]
-
-    @property
-    def largest_mib(self) -> float:
-        return max(self.peak.values(), default=0) / 1024
-
-    @property
-    def largest_worker_mib(self) -> float:
-        return max((k for p, k in self.peak.items() if self.role(p) == "worker"),
-                   default=0) / 1024
-
-
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pids: Sequence[int]) -> float:
-    """utime + stime + cutime + cstime of `pids` (all their threads, reaped children too)."""
-    ticks = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                fields = f.read().rpartition(b")")[2].split()
-        except OSError:
-            continue
-        ticks += sum(int(x) for x in fields[11:15])  # fields 14-17 of proc_pid_stat(5)
-    return ticks / TICK
-
-
-class CpuMeter:
-    """CPU seconds a process tree spends between `start()` and `stop()` (processes that
-    appear meanwhile count from their start; gone ones count up to the last look)."""
-
-    def __init__(self, root: int) -> None:
-        self.root = root
-        self.seen: dict[int, float] = {}
-        self.base: dict[int, float] = {}
-
-    def _look(self) -> None:
-        for pid in process_tree(self.root):
-            self.seen[pid] = cpu_seconds([pid])
-
-    def start(self) -> None:
-        self._look()
-        self.base = dict(self.seen)
-
-    def stop(self) -> float:
-        self._look()
-        return sum(v - self.base.get(pid, 0.0) for pid, v in self.seen.items())
 
 
 NGINX_CONF = """\
@@ -1465,51 +1269,14 @@ def _json_lines(text: str) -> Iterator[dict[str, Any]]:
 # -- environment and report -----------------------------------------------------------------
 
 
-def loadavg() -> str:
-    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
 def environment() -> dict[str, str]:
-    def pkg(name: str) -> str:
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            return "?"
-
-    cpu = "?"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
-    commit = tool_version(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"])
-    dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "mirror"],
-                           capture_output=True, text=True, timeout=10).stdout.strip()
-    return {
-        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "nproc": str(os.cpu_count()),
-        "cpu": cpu,
-        "memory": f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.1f} GiB",
-        "kernel": platform.release(),
-        "load average at start (1, 5, 15 min)": loadavg(),
-        "mirror": f"git {commit}{' + uncommitted changes in mirror/' if dirty else ''}",
-        "python": platform.python_version(),
-        "packages": ", ".join(f"{p} {pkg(p)}" for p in
-                              ("uvicorn", "starlette", "httpx", "uvloop", "httptools")),
+    return machine() | {
+        "packages": packages(("uvicorn", "starlette", "httpx", "uvloop", "httptools")),
         "docker-registry": tool_version(["docker-registry", "--version"]),
         "skopeo": tool_version(["skopeo", "--version"]),
         "curl": tool_version(["curl", "--version"]),
         "wrk": tool_version(["wrk", "-v"]),
     }
-
-
-def raw_text(raw: dict[str, Any], depth: int = 0) -> str:
-    """Nested dicts as indented `key: compact JSON` lines."""
-    lines = []
-    for key, value in raw.items():
-        if isinstance(value, dict) and depth < 2:
-            lines.append(f"{'  ' * depth}{key}:")
-            lines.append(raw_text(value, depth + 1))
-        else:
-            lines.append(f"{'  ' * depth}{key}: {json.dumps(value)}")
-    return "\n".join(lines)
 
 
 def report(cfg: Config, env: dict[str, str], res: Results, seconds: float) -> str:
@@ -1526,14 +1293,8 @@ def report(cfg: Config, env: dict[str, str], res: Results, seconds: float) -> st
         "",
         "Medians; ratio = mirror / other. MB = 10^6 bytes, MiB = 2^20 bytes.",
         "",
-        fmt_table(res.rows, markdown=True),
-        "",
+        *report_tail(res),
     ]
-    if res.errors:
-        lines += ["## Errors", "", *(f"- {e}" for e in res.errors), ""]
-    if res.notes:
-        lines += ["## Notes", "", *(f"- {n}" for n in res.notes), ""]
-    lines += ["## Raw runs", "", "```", raw_text(res.raw), "```", ""]
     return "\n".join(lines)
 
 
@@ -1548,10 +1309,6 @@ def write_report(path: Path, text: str) -> None:
 
 
 # -- main -----------------------------------------------------------------------------------
-
-
-def _abort(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1573,9 +1330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if shutil.which(tool) is None:
             print(f"bench: {tool} not found", file=sys.stderr)
             return 2
-    signal.signal(signal.SIGTERM, _abort)
-    signal.signal(signal.SIGALRM, _abort)
-    signal.alarm(cfg.hard_limit_s)
+    abort_on((signal.SIGTERM, signal.SIGALRM), cfg.hard_limit_s)
     work = Path(tempfile.mkdtemp(prefix="mirror-bench-"))
     bench = Bench(cfg, work)
     bench.baseline = args.baseline.resolve() if args.baseline else None
@@ -1592,8 +1347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     env = environment()
     log(f"work directory {work}; {env['nproc']} CPUs; mirror {env['mirror']}")
-    if os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1):
-        log(f"warning: the machine is busy (load average {loadavg()}): numbers will be noisy")
+    warn_if_busy()
     try:
         bench.setup()
         for key, name, fn in phases:
@@ -1611,16 +1365,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         env["load average at end"] = loadavg()
         text = report(cfg, env, bench.res, time.monotonic() - started)
         write_report(args.output, text)
-        print("\n" + fmt_table(bench.res.rows, markdown=False) + "\n")
         for key in ("images", "phase_seconds"):
             bench.res.raw.pop(key, None)
-        print("raw runs:\n" + raw_text(bench.res.raw))
-        for e in bench.res.errors:
-            print(f"ERROR: {e}")
-        for n in bench.res.notes:
-            print(f"note: {n}")
-        print(f"\nreport written to {args.output}")
-        return 1 if bench.res.errors else 0
+        return print_results(bench.res, args.output, "written")
     finally:
         signal.alarm(0)
         bench.cleanup()

@@ -28,6 +28,29 @@ def _name(cn: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
 
+def _builder(subject: x509.Name, issuer: x509.Name, key: ec.EllipticCurvePrivateKey,
+             now: dt.datetime) -> x509.CertificateBuilder:
+    """A certificate of `key` for `subject`, signed by `issuer`, valid from a day ago for a
+    month."""
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject).issuer_name(issuer)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=30))
+    )
+
+
+def _write(ca_path: Path, cert_path: Path, key_path: Path, ca_cert: x509.Certificate,
+           cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> None:
+    """The CA's and the certificate's PEM, and the key's (PKCS #8, readable by its owner)."""
+    pem = serialization.Encoding.PEM
+    ca_path.write_bytes(ca_cert.public_bytes(pem))
+    cert_path.write_bytes(cert.public_bytes(pem))
+    key_path.write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    key_path.chmod(0o600)
+
+
 def make_server_cert(directory: Path, names: tuple[str, ...] = ("localhost", "mirror.test"),
                      ips: tuple[str, ...] = ("127.0.0.1",), label: str = "test") -> ServerCert:
     """A fresh CA and a server certificate for `names` and `ips`, written to `directory`
@@ -36,10 +59,7 @@ def make_server_cert(directory: Path, names: tuple[str, ...] = ("localhost", "mi
     now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(f"mirror {label} CA")).issuer_name(_name(f"mirror {label} CA"))
-        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=30))
+        _builder(_name(f"mirror {label} CA"), _name(f"mirror {label} CA"), ca_key, now)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(x509.KeyUsage(
             digital_signature=True, content_commitment=False, key_encipherment=False,
@@ -53,10 +73,7 @@ def make_server_cert(directory: Path, names: tuple[str, ...] = ("localhost", "mi
     alt_names: list[x509.GeneralName] = [x509.DNSName(n) for n in names]
     alt_names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
     cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(names[0])).issuer_name(ca_cert.subject)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=30))
+        _builder(_name(names[0]), ca_cert.subject, key, now)
         .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
@@ -64,13 +81,8 @@ def make_server_cert(directory: Path, names: tuple[str, ...] = ("localhost", "mi
                        critical=False)
         .sign(ca_key, hashes.SHA256())
     )
-    pem = serialization.Encoding.PEM
     paths = ServerCert(directory / "ca.crt", directory / "server.crt", directory / "server.key")
-    paths.ca.write_bytes(ca_cert.public_bytes(pem))
-    paths.cert.write_bytes(cert.public_bytes(pem))
-    paths.key.write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
-                                            serialization.NoEncryption()))
-    paths.key.chmod(0o600)
+    _write(paths.ca, paths.cert, paths.key, ca_cert, cert, key)
     return paths
 
 
@@ -93,29 +105,18 @@ def make_client_cert(directory: Path, name: str = "mirror", label: str = "client
     now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(f"mirror {label} CA")).issuer_name(_name(f"mirror {label} CA"))
-        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=30))
+        _builder(_name(f"mirror {label} CA"), _name(f"mirror {label} CA"), ca_key, now)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .sign(ca_key, hashes.SHA256())
     )
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(name)).issuer_name(ca_cert.subject)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=30))
+        _builder(_name(name), ca_cert.subject, key, now)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
-    pem = serialization.Encoding.PEM
     paths = ClientCert(directory / "client-ca.crt", directory / "client.crt",
                        directory / "client.key")
-    paths.ca.write_bytes(ca_cert.public_bytes(pem))
-    paths.cert.write_bytes(cert.public_bytes(pem))
-    paths.key.write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
-                                            serialization.NoEncryption()))
-    paths.key.chmod(0o600)
+    _write(paths.ca, paths.cert, paths.key, ca_cert, cert, key)
     return paths

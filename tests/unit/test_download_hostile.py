@@ -116,12 +116,19 @@ def ok(server: Server, conn: socket.socket) -> None:
 # -- the request phase ends by the deadline, or when cancelled --------------------------------
 
 
-def test_cancelling_a_request_cuts_its_connection(serve: Any) -> None:
-    def slow_head(server: Server, conn: socket.socket) -> None:
-        server.head(conn)
-        conn.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
-        trickle(server, conn)
+def slow_head(server: Server, conn: socket.socket) -> None:
+    server.head(conn)
+    conn.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+    trickle(server, conn)
 
+
+def slow_error(server: Server, conn: socket.socket) -> None:
+    server.head(conn)
+    conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 1000000\r\n\r\n")
+    trickle(server, conn)
+
+
+def test_cancelling_a_request_cuts_its_connection(serve: Any) -> None:
     server = serve(slow_head)
     fetcher = downloader(server)
 
@@ -139,11 +146,6 @@ def test_cancelling_a_request_cuts_its_connection(serve: Any) -> None:
 
 
 def test_a_trickled_head_ends_by_the_deadline(serve: Any) -> None:
-    def slow_head(server: Server, conn: socket.socket) -> None:
-        server.head(conn)
-        conn.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
-        trickle(server, conn)
-
     server = serve(slow_head)
     fetcher = downloader(server, deadline=0.5)
 
@@ -177,11 +179,6 @@ def test_endless_continues_are_refused(serve: Any) -> None:
 
 
 def test_cancelling_an_error_body_read_cuts_its_connection(serve: Any) -> None:
-    def slow_error(server: Server, conn: socket.socket) -> None:
-        server.head(conn)
-        conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 1000000\r\n\r\n")
-        trickle(server, conn)
-
     server = serve(slow_error)
     fetcher = downloader(server)
 
@@ -202,11 +199,6 @@ def test_cancelling_an_error_body_read_cuts_its_connection(serve: Any) -> None:
 
 
 def test_an_error_body_is_read_by_the_deadline(serve: Any) -> None:
-    def slow_error(server: Server, conn: socket.socket) -> None:
-        server.head(conn)
-        conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 1000000\r\n\r\n")
-        trickle(server, conn)
-
     server = serve(slow_error)
     fetcher = downloader(server, deadline=0.5)
 
