@@ -533,3 +533,110 @@ def test_concurrent_probes_are_shared_only_by_one_credential(
             assert len([s for s in heads if s.user == "bob"]) == 1  # bob's own, not alice's
 
     asyncio.run(scenario())
+
+
+def test_concurrent_probes_are_not_shared_across_upstreams(
+    fake: AuthUpstream, tmp_path: Path
+) -> None:
+    image = secret_image(fake)
+    layer = image.layers[0]
+    with AuthUpstream(service="evil") as evil:
+        evil.no_auth = True
+        evil.head_any_blob = True  # "yes" to every HEAD, for anyone
+        upstreams = (Upstream("fake", fake.url), Upstream("evil", evil.url))
+
+        async def scenario() -> None:
+            async with running(settings(tmp_path, *upstreams)) as mirror:
+                assert set((await pull(mirror, "alice", SECRET, "1.0")).values()) == {200}
+                anonymous = mirror.caller()
+                # The same repository, digest and (anonymous) identity on both upstreams,
+                # at once: evil's "yes" is evil's alone.
+                for _ in range(3):
+                    got = await asyncio.gather(
+                        *(anonymous.get(f"/v2/evil/{SECRET}/blobs/{layer}") for _ in range(3)),
+                        *(anonymous.get(f"/v2/{SECRET}/blobs/{layer}") for _ in range(3)))
+                    assert all(r.status_code in (401, 403) for r in got[3:])
+                    assert not any(leaked(r.content, image, fake) for r in got)
+                heads = [s for s in fake.seen if s.method == "HEAD" and layer in s.path]
+                assert heads and all(s.user is None for s in heads)
+
+        asyncio.run(scenario())
+
+
+def test_equal_accept_sets_never_share_a_tag_resolution_with_an_unproven_caller(
+    fake: AuthUpstream, tmp_path: Path
+) -> None:
+    image = secret_image(fake)
+    accept = ("application/vnd.oci.image.manifest.v1+json, "
+              "application/vnd.docker.distribution.manifest.v2+json")
+    variants = [accept, ", ".join(reversed(accept.split(", "))), accept.upper(),
+                "application/vnd.oci.image.manifest.v1+json;q=0.9, "
+                "application/vnd.docker.distribution.manifest.v2+json; q=0.5"]
+
+    async def scenario() -> None:
+        async with running(settings(tmp_path, Upstream("fake", fake.url), tag_ttl=300,
+                                    negative_ttl=60)) as mirror:
+            alice = mirror.caller("alice")
+            for header in variants:  # one Accept key, one cached resolution, for alice
+                got = await alice.get(f"/v2/{SECRET}/manifests/1.0",
+                                      headers={"Accept": header})
+                assert got.status_code == 200 and got.content == image.manifest
+            for user in (None, "bob"):
+                caller = mirror.caller(user)
+                for header in variants:
+                    for method in ("GET", "HEAD"):
+                        got = await caller.request(method, f"/v2/{SECRET}/manifests/1.0",
+                                                   headers={"Accept": header})
+                        assert got.status_code in (401, 403), (user, header, method)
+                        assert image.digest not in got.headers.get("docker-content-digest",
+                                                                   "")
+                        assert not leaked(got.content, image, fake)
+            # A refusal cached for others is not alice's answer either.
+            got = await alice.get(f"/v2/{SECRET}/manifests/1.0", headers={"Accept": accept})
+            assert got.status_code == 200 and got.content == image.manifest
+
+    asyncio.run(scenario())
+
+
+def test_an_expired_grant_reads_no_cached_digest_once_access_is_lost(
+    fake: AuthUpstream, tmp_path: Path
+) -> None:
+    image = secret_image(fake)
+
+    async def scenario() -> None:
+        config = settings(tmp_path, Upstream("fake", fake.url), tag_ttl=300, access_ttl=0.5)
+        async with running(config) as mirror:
+            assert set((await pull(mirror, "alice", SECRET, "1.0")).values()) == {200}
+            # Granted, linked and held: all three facts are there, the grant is stale.
+            fake.repos[SECRET].readers.discard("alice")
+            await asyncio.sleep(0.6)
+            await fish(mirror, "alice", image, fake, [SECRET])
+            assert await _identities(mirror, SECRET) == []  # the refusal revoked it
+
+    asyncio.run(scenario())
+
+
+async def _identities(mirror: Mirror, repo: str) -> list[str]:
+    """The identities holding a grant for `repo`."""
+    db = mirror.app.state.services.metadata.db
+    return [row[0] for row in db.execute("SELECT identity FROM grants WHERE repo = ?",
+                                         (repo,)).fetchall()]
+
+
+def test_an_outage_serves_a_digest_only_under_the_repository_it_is_linked_to(
+    fake: AuthUpstream, tmp_path: Path
+) -> None:
+    image = secret_image(fake)
+    fake.add_image("public/app", "1", [b"public layer " * 100])
+
+    async def scenario() -> None:
+        async with running(settings(tmp_path, Upstream("fake", fake.url))) as mirror:
+            assert set((await pull(mirror, "alice", SECRET, "1.0")).values()) == {200}
+            assert set((await pull(mirror, None, "public/app", "1")).values()) == {200}
+            assert set((await pull(mirror, "bob", "public/app", "1")).values()) == {200}
+            fake.down = True  # online, but the upstream cannot answer: old grants count
+            await fish(mirror, None, image, fake, ["public/app", SECRET])
+            await fish(mirror, "bob", image, fake, ["public/app", SECRET])
+            assert set((await pull(mirror, "alice", SECRET, "1.0")).values()) == {200}
+
+    asyncio.run(scenario())
