@@ -16,7 +16,8 @@ from mirror.metadata.base import (
     RefRecord,
     TagRecord,
 )
-from mirror.metadata.sqlite import SqliteMetadata, database_path
+from mirror.metadata.sqlite import SqliteMetadata
+from mirror.metadata.sqlite_db import database_path
 
 __all__ = [
     "PAGE", "AcceptKey", "ContentRecord", "Grant", "Metadata", "MetadataError",

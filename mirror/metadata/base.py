@@ -30,6 +30,13 @@ from typing import Any
 # A normalised Accept set (sorted media types); None names the latest record of any set.
 AcceptKey = tuple[str, ...]
 
+
+
+def accept_text(accept: AcceptKey | None) -> str:
+    """How an Accept key is stored: '-' for the latest record, else the types joined."""
+    return "-" if accept is None else ",".join(accept)
+
+
 # Listings are read in pages of this many rows: constant memory whatever the cache holds.
 PAGE = 500
 

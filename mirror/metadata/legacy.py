@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from mirror import oci
-from mirror.metadata.sqlite import accept_text
+from mirror.metadata.base import accept_text
 from mirror.reference import ALGORITHMS
 
 log = logging.getLogger("mirror.metadata")

@@ -1,60 +1,19 @@
 """The shared metadata store: one Redis server (or a primary with replicas) for every replica.
 
-Every operation reads or writes only the keys it names; listings walk sorted sets a page at
-a time. Operations that change more than one key run as one Lua script or one MULTI/EXEC
+Every operation reads or writes only the keys it names (`mirror.metadata.redis_keys` gives
+the layout); listings walk sorted sets a page at a time (`mirror.metadata.redis_client`).
+Operations that change more than one key run as one Lua script or one MULTI/EXEC
 transaction, so indexes and totals never drift, also under concurrent callers. Some scripts
 derive per-digest key names from the prefix, so the store needs a standalone Redis (with
 replicas or Sentinel if wanted), not Redis Cluster.
-
-Key layout (P the prefix, "\\0" between names: no upstream, repository, tag, digest,
-identity, owner or id holds one; `joined` refuses names that do):
-
-    P schema                 string   layout version
-    P secret                 string   the installation's MAC key (hex)
-    P generation             string   counter (INCR)
-    P tag\\0U\\0R\\0T           hash     Accept text ("-": latest) -> record JSON
-    P tags\\0U\\0R              zset     tag names (score 0: lexical order)
-    P repos                  zset     "U\\0R" with a tag or a ref (score 0)
-    P names\\0D                zset     "t\\0U\\0R\\0T" tags and "r\\0U\\0R" refs naming D
-    P refs                   hash     "U\\0R\\0D" -> ref JSON
-    P refnames               zset     "U\\0R\\0D" (score 0)
-    P manifests              hash     D -> media type
-    P children\\0D / parents\\0D set      what manifest D names / the manifests naming D
-    P sizes                  hash     D -> size of committed content
-    P used                   zset     D, score = last use (LRU order)
-    P content                zset     D (score 0: digest order)
-    P totals                 hash     bytes, entries
-    P holders\\0D              set      upstreams holding D
-    P links\\0U\\0R             set      digests linked to the repository
-    P grants\\0U\\0R            hash     identity -> {"at": ..., "durable": ...}
-    P transient              zset     "U\\0R\\0I" of grants that are not durable, score = at
-    P pins                   zset     "O\\0D" (score 0)
-    P pinners\\0D              set      owners pinning D
-    P pushed                 hash     "U\\0R\\0T" -> time of the last push
-    P upload\\0ID              string   session JSON, expiring at the session's end
-    P uploads                zset     ID, score = expiry
-    P lock\\0NAME              string   owner, expiring with the lease
-    P pulls                  zset     "U\\0R\\0T" of a recorded tag, score = its pull count
 """
 
 from __future__ import annotations
 
 import json
-import math
 import secrets
-import time
-from collections.abc import (
-    AsyncIterator,
-    Iterable,
-    Mapping,
-    Sequence,
-)
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any
-
-import redis.asyncio as aioredis
-from redis import exceptions as rx
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff
 
 from mirror.metadata.base import (
     PAGE,
@@ -62,10 +21,10 @@ from mirror.metadata.base import (
     ContentRecord,
     Grant,
     Metadata,
-    MetadataError,
     PullCount,
     RefRecord,
     TagRecord,
+    accept_text,
 )
 from mirror.metadata.redis_keys import (
     BATCH,
@@ -77,134 +36,25 @@ from mirror.metadata.redis_keys import (
     guarded,
     joined,
     lex_after,
-    pairs,
     ref_record,
     score_text,
     tag_record,
     tag_value,
     under,
-    where,
 )
-from mirror.metadata.redis_scripts import Scripts
-from mirror.metadata.sqlite import accept_text
+from mirror.metadata.redis_sessions import RedisSessions
 
-SCHEMA_VERSION = 1
-MAX_CONNECTIONS = 64  # per process; a request waits for one rather than failing
-POOL_TIMEOUT = 5.0  # seconds to wait for a free connection before giving up
-SOCKET_TIMEOUT = 10.0
 LATEST = accept_text(None)
 
-class RedisMetadata(Metadata):
-    def __init__(self, url: str, prefix: str = "mirror:", *,
-                 max_connections: int = MAX_CONNECTIONS,
-                 pool_timeout: float = POOL_TIMEOUT) -> None:
-        """`prefix` starts every key (several installations may share one server)."""
-        self.url = url
-        self.prefix = prefix
-        self.max_connections = max_connections
-        self.pool_timeout = pool_timeout
-        self._client: aioredis.Redis | None = None
-        self._scripts: Scripts | None = None
 
-    # -- lifecycle -------------------------------------------------------------------------
-
-    async def open(self) -> None:
-        if self._client is not None:
-            return
-        pool = aioredis.BlockingConnectionPool.from_url(
-            self.url, max_connections=self.max_connections, timeout=self.pool_timeout,
-            decode_responses=True, socket_timeout=SOCKET_TIMEOUT,
-            socket_connect_timeout=SOCKET_TIMEOUT,
-            # A few quick retries ride out a dropped connection (every write has the same
-            # effect when repeated); a server that is down fails the call within a second.
-            retry=Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.25), 3))
-        client = aioredis.Redis.from_pool(pool)
-        self._client, self._scripts = client, Scripts.register(client)
-        try:
-            await self._check_schema()
-        except BaseException:
-            await self.close()
-            raise
-
-    @guarded
-    async def _check_schema(self) -> None:
-        key = self._key("schema")
-        await self.client.set(key, SCHEMA_VERSION, nx=True)
-        version = int(await self.client.get(key) or 0)
-        if version > SCHEMA_VERSION:
-            raise MetadataError(
-                f"{where(self.url)}: metadata layout version {version} is newer than this "
-                f"release's ({SCHEMA_VERSION}); upgrade mirror to use it")
-
-    @property
-    def client(self) -> aioredis.Redis:
-        if self._client is None:
-            raise MetadataError("metadata store is not open")
-        return self._client
-
-    @property
-    def scripts(self) -> Scripts:
-        if self._scripts is None:
-            raise MetadataError("metadata store is not open")
-        return self._scripts
-
-    async def close(self) -> None:
-        client, self._client, self._scripts = self._client, None, None
-        if client is not None:
-            await client.aclose()
-
-    async def ping(self) -> bool:
-        try:
-            return bool(await self.client.ping())
-        except (rx.RedisError, OSError, MetadataError):
-            return False
+class RedisMetadata(RedisSessions, Metadata):
+    """The interface's operations on the cache's index, access facts and counters."""
 
     @guarded
     async def secret(self) -> bytes:
         key = self._key("secret")
         await self.client.set(key, secrets.token_hex(32), nx=True)  # the first one wins
         return bytes.fromhex(str(await self.client.get(key)))
-
-    # -- keys ------------------------------------------------------------------------------
-
-    def _key(self, kind: str, *names: str) -> str:
-        return self.prefix + kind + (SEP + joined(*names) if names else "")
-
-    # -- pages -----------------------------------------------------------------------------
-
-    @guarded
-    async def _lex_page(self, key: str, lo: str, hi: str, limit: int) -> list[str]:
-        return [str(m) for m in await self.client.zrangebylex(key, lo, hi, 0, limit)]
-
-    async def _lex_pages(self, key: str, lo: str, hi: str = "+") -> AsyncIterator[list[str]]:
-        """Members of a lexically ordered sorted set within ZRANGEBYLEX bounds, by page."""
-        while True:
-            page = await self._lex_page(key, lo, hi, PAGE)
-            if page:
-                yield page
-            if len(page) < PAGE:
-                return
-            lo = "(" + page[-1]
-
-    @guarded
-    async def _score_page(self, key: str, start: tuple[str, str], below: float,
-                          limit: int) -> Scored:
-        score, member = start
-        rows = await self.scripts.page_by_score(
-            keys=[key], args=[score, member, score_text(below), limit])
-        return pairs(list(rows))
-
-    async def _score_pages(self, key: str, below: float,
-                           start: tuple[str, str] = ("", "")) -> AsyncIterator[Scored]:
-        """(member, score) pairs after `start`, scored below `below`, in (score, member)
-        order, by page; entries removed meanwhile do not disturb the order."""
-        while True:
-            page = await self._score_page(key, start, below, PAGE)
-            if page:
-                yield page
-            if len(page) < PAGE:
-                return
-            start = (score_text(page[-1][1]), page[-1][0])
 
     # -- manifests -------------------------------------------------------------------------
 
@@ -564,94 +414,3 @@ class RedisMetadata(Metadata):
         async for members in self._lex_pages(self._key("repos"), lo, hi):
             for member in members:
                 yield member[skip:]
-
-    # -- pins ------------------------------------------------------------------------------
-
-    @guarded
-    async def pin(self, owner: str, digests: Iterable[str]) -> None:
-        wanted = sorted(set(digests))
-        if not wanted:
-            return
-        async with self.client.pipeline(transaction=True) as pipe:
-            pipe.zadd(self._key("pins"), {joined(owner, d): 0 for d in wanted})
-            for digest in wanted:
-                pipe.sadd(self._key("pinners", digest), owner)
-            await pipe.execute()
-
-    @guarded
-    async def unpin(self, owner: str) -> list[str]:
-        digests = await self.scripts.unpin(
-            keys=[self._key("pins")],
-            args=[self._key("pinners") + SEP, owner, *under(owner)])
-        return sorted(str(d) for d in digests)
-
-    @guarded
-    async def pinned(self, digest: str) -> bool:
-        return bool(await self.client.exists(self._key("pinners", digest)))
-
-    async def iter_pins(self) -> AsyncIterator[tuple[str, str]]:
-        async for members in self._lex_pages(self._key("pins"), "-"):
-            for member in members:
-                owner, digest = member.split(SEP)
-                yield owner, digest
-
-    # -- uploads ---------------------------------------------------------------------------
-
-    @guarded
-    async def put_upload(self, upload_id: str, data: Mapping[str, Any], expires: float) -> None:
-        key, index = self._key("upload", upload_id), self._key("uploads")
-        async with self.client.pipeline(transaction=True) as pipe:
-            if expires > time.time():
-                pipe.set(key, json.dumps(dict(data)), pxat=math.ceil(expires * 1000))
-                pipe.zadd(index, {upload_id: expires})
-            else:  # over already: as good as gone
-                pipe.delete(key)
-                pipe.zrem(index, upload_id)
-            pipe.zremrangebyscore(index, "-inf", "(" + score_text(time.time()))
-            await pipe.execute()
-
-    @guarded
-    async def get_upload(self, upload_id: str) -> dict[str, Any] | None:
-        value = await self.client.get(self._key("upload", upload_id))
-        return None if value is None else dict(json.loads(value))
-
-    @guarded
-    async def drop_upload(self, upload_id: str) -> None:
-        index = self._key("uploads")
-        async with self.client.pipeline(transaction=True) as pipe:
-            pipe.delete(self._key("upload", upload_id))
-            pipe.zrem(index, upload_id)
-            pipe.zremrangebyscore(index, "-inf", "(" + score_text(time.time()))  # expired
-            await pipe.execute()
-
-    async def iter_uploads(self) -> AsyncIterator[tuple[str, dict[str, Any]]]:
-        now = time.time()
-        start = (score_text(now), "")  # sessions that end later than now
-        async for page in self._score_pages(self._key("uploads"), math.inf, start):
-            for upload_id, data in await self._uploads([i for i, e in page if e > now]):
-                yield upload_id, data
-
-    @guarded
-    async def _uploads(self, ids: list[str]) -> list[tuple[str, dict[str, Any]]]:
-        if not ids:
-            return []
-        values = await self.client.mget([self._key("upload", i) for i in ids])
-        return [(upload_id, dict(json.loads(value)))
-                for upload_id, value in zip(ids, values, strict=True) if value is not None]
-
-    # -- locks -----------------------------------------------------------------------------
-
-    @guarded
-    async def acquire(self, name: str, owner: str, lease: float) -> bool:
-        millis = max(1, math.ceil(lease * 1000))
-        return bool(await self.scripts.acquire(keys=[self._key("lock", name)],
-                                               args=[owner, millis]))
-
-    @guarded
-    async def release(self, name: str, owner: str) -> None:
-        await self.scripts.release(keys=[self._key("lock", name)], args=[owner])
-
-    @guarded
-    async def holder(self, name: str) -> str | None:
-        value = await self.client.get(self._key("lock", name))
-        return None if value is None else str(value)

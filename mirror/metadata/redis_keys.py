@@ -1,6 +1,37 @@
 """How the Redis metadata store names things and reads them back: key parts and members
 (names joined by NUL, which no name holds), lexical bounds, scores, record encodings, and the
-translation of redis-py's failures into the interface's errors."""
+translation of redis-py's failures into the interface's errors.
+
+Key layout (P the prefix, "\\0" between names: no upstream, repository, tag, digest,
+identity, owner or id holds one; `joined` refuses names that do):
+
+    P schema                 string   layout version
+    P secret                 string   the installation's MAC key (hex)
+    P generation             string   counter (INCR)
+    P tag\\0U\\0R\\0T           hash     Accept text ("-": latest) -> record JSON
+    P tags\\0U\\0R              zset     tag names (score 0: lexical order)
+    P repos                  zset     "U\\0R" with a tag or a ref (score 0)
+    P names\\0D                zset     "t\\0U\\0R\\0T" tags and "r\\0U\\0R" refs naming D
+    P refs                   hash     "U\\0R\\0D" -> ref JSON
+    P refnames               zset     "U\\0R\\0D" (score 0)
+    P manifests              hash     D -> media type
+    P children\\0D / parents\\0D set      what manifest D names / the manifests naming D
+    P sizes                  hash     D -> size of committed content
+    P used                   zset     D, score = last use (LRU order)
+    P content                zset     D (score 0: digest order)
+    P totals                 hash     bytes, entries
+    P holders\\0D              set      upstreams holding D
+    P links\\0U\\0R             set      digests linked to the repository
+    P grants\\0U\\0R            hash     identity -> {"at": ..., "durable": ...}
+    P transient              zset     "U\\0R\\0I" of grants that are not durable, score = at
+    P pins                   zset     "O\\0D" (score 0)
+    P pinners\\0D              set      owners pinning D
+    P pushed                 hash     "U\\0R\\0T" -> time of the last push
+    P upload\\0ID              string   session JSON, expiring at the session's end
+    P uploads                zset     ID, score = expiry
+    P lock\\0NAME              string   owner, expiring with the lease
+    P pulls                  zset     "U\\0R\\0T" of a recorded tag, score = its pull count
+"""
 
 from __future__ import annotations
 

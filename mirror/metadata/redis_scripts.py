@@ -1,6 +1,6 @@
 """The Lua scripts of the Redis metadata store (`mirror.metadata.redis`): each changes
 several keys at once, atomically, so indexes and totals never drift. Key names follow the
-layout in that module's docstring; per-digest names are derived from the prefix inside the
+layout in `mirror.metadata.redis_keys`; per-digest names are derived from the prefix inside the
 scripts, which is why the store needs a standalone Redis, not Redis Cluster."""
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from support.redisd import RedisServer
 
 from mirror import metadata as metadata_module
 from mirror.metadata import redis as redis_module
+from mirror.metadata import redis_client, sqlite_db
 from mirror.metadata import sqlite as sqlite_module
 from mirror.metadata.base import (
     ContentRecord,
@@ -71,7 +72,7 @@ async def meta(new: New) -> AsyncIterator[Metadata]:
 @pytest.fixture
 def small_pages(monkeypatch: pytest.MonkeyPatch) -> int:
     """Listings read pages of 3 rows, so a few rows cross several pages."""
-    for module in (sqlite_module, redis_module):
+    for module in (sqlite_module, sqlite_db, redis_module, redis_client):
         monkeypatch.setattr(module, "PAGE", 3)
     return 3
 

@@ -24,7 +24,7 @@ from support.smallfs import fill_up, small_tmpfs
 
 from mirror import upload_sessions
 from mirror.app import create_app
-from mirror.metadata.sqlite import database_path
+from mirror.metadata.sqlite_db import database_path
 from mirror.routes_push import MEDIA_TYPE
 from mirror.settings import Settings, Upstream
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mirror.metadata import sqlite as sqlite_module
+from mirror.metadata import sqlite_db
 from mirror.metadata.base import TagRecord
 from mirror.metadata.sqlite import SqliteMetadata
 
@@ -37,14 +37,14 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
 
 def test_writes_leave_checkpoints_to_the_stores_thread(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sqlite_module, "CHECKPOINT_WRITES", 10**9)
-    monkeypatch.setattr(sqlite_module, "CHECKPOINT_INTERVAL", 3600.0)
+    monkeypatch.setattr(sqlite_db, "CHECKPOINT_WRITES", 10**9)
+    monkeypatch.setattr(sqlite_db, "CHECKPOINT_INTERVAL", 3600.0)
     database = tmp_path / "metadata.db"
     meta = SqliteMetadata(database)
     meta.open_sync()
     try:
         assert meta.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == \
-            sqlite_module.WAL_LIMIT_PAGES
+            sqlite_db.WAL_LIMIT_PAGES
         checkpointer = meta._checkpointer
         assert checkpointer is not None and checkpointer.checkpoints == 0
         size = database.stat().st_size
@@ -55,7 +55,7 @@ def test_writes_leave_checkpoints_to_the_stores_thread(
         assert database.stat().st_size == size
         assert checkpointer.checkpoints == 0
         # Past the threshold, the store's thread checkpoints: the database file grows.
-        monkeypatch.setattr(sqlite_module, "CHECKPOINT_WRITES", 1)
+        monkeypatch.setattr(sqlite_db, "CHECKPOINT_WRITES", 1)
         asyncio.run(write_tags(meta, 500, 1))
         assert wait_for(lambda: database.stat().st_size > size)
         assert checkpointer.checkpoints >= 1
@@ -74,7 +74,7 @@ def test_writes_leave_checkpoints_to_the_stores_thread(
 def test_a_checkpoint_follows_a_lone_write(tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """Below the write threshold, a checkpoint still comes within CHECKPOINT_INTERVAL."""
-    monkeypatch.setattr(sqlite_module, "CHECKPOINT_INTERVAL", 0.05)
+    monkeypatch.setattr(sqlite_db, "CHECKPOINT_INTERVAL", 0.05)
     meta = SqliteMetadata(tmp_path / "metadata.db")
     meta.open_sync()
     try:
@@ -97,9 +97,9 @@ def test_the_wal_stays_bounded_when_the_thread_falls_behind(
     """Writes that never let the thread's checkpoints catch up (here: no thread checkpoints
     at all) still keep the WAL within its bound: past it, a commit checkpoints and the WAL
     starts again from its beginning."""
-    monkeypatch.setattr(sqlite_module, "CHECKPOINT_WRITES", 10**9)
-    monkeypatch.setattr(sqlite_module, "CHECKPOINT_INTERVAL", 3600.0)
-    monkeypatch.setattr(sqlite_module, "WAL_LIMIT_PAGES", 200)
+    monkeypatch.setattr(sqlite_db, "CHECKPOINT_WRITES", 10**9)
+    monkeypatch.setattr(sqlite_db, "CHECKPOINT_INTERVAL", 3600.0)
+    monkeypatch.setattr(sqlite_db, "WAL_LIMIT_PAGES", 200)
     database = tmp_path / "metadata.db"
     meta = SqliteMetadata(database)
     meta.open_sync()

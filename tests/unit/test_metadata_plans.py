@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from mirror.metadata import sqlite as sqlite_module
+from mirror.metadata import sqlite_db
 from mirror.metadata.base import Grant, Metadata, RefRecord, TagRecord
 from mirror.metadata.sqlite import SqliteMetadata
 
@@ -144,7 +145,8 @@ def plan(db: sqlite3.Connection, sql: str) -> list[str]:
 
 @pytest.fixture
 def statements(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> set[str]:
-    monkeypatch.setattr(sqlite_module, "PAGE", 2)  # listings read several pages
+    for module in (sqlite_module, sqlite_db):  # listings read several pages
+        monkeypatch.setattr(module, "PAGE", 2)
     meta = SqliteMetadata(tmp_path / "metadata.db")
     meta.open_sync()
     recording = Recording(meta.db)
