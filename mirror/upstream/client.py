@@ -18,7 +18,7 @@ import httpx
 from mirror import errors, ratelimit
 from mirror.metrics import Metrics
 from mirror.settings import Settings, Upstream
-from mirror.upstream.download import Answer, Downloader
+from mirror.upstream.downloader import Answer, Downloader
 from mirror.upstream.redirects import MAX_REDIRECTS, REDIRECTS, follow, location, origin
 from mirror.upstream.tokens import (
     Challenge,
@@ -120,7 +120,7 @@ class UpstreamClient:
         self, path: str, *, repo: str, headers: dict[str, str],
         credential: Credential | None = None,
     ) -> Answer:
-        """GET a blob, its body left for the fill to read (see `mirror.upstream.download`)."""
+        """GET a blob, its body left for the fill to read (see `mirror.upstream.downloader`)."""
         url = self._url(path)
         started = time.perf_counter()
 

@@ -94,29 +94,29 @@ class Transport:
         proxy = self.proxy_for(url)
         headers: dict[str, str] = {}
         if proxy is None:
-            sock = _connect(host, port, _budget(self.connect, until), watch)
+            sock = _connect(host, port, budget(self.connect, until), watch)
         else:
             via = urlsplit(proxy)
             sock = _connect(via.hostname or "", via.port or (443 if via.scheme == "https" else 80),
-                            _budget(self.connect, until), watch)
+                            budget(self.connect, until), watch)
             if via.username is not None:
                 pair = f"{unquote(via.username)}:{unquote(via.password or '')}"
                 headers["Proxy-Authorization"] = \
                     "Basic " + base64.b64encode(pair.encode()).decode()
             if via.scheme == "https":
-                sock = _wrap(self.other_tls, sock, via.hostname, _budget(self.connect, until))
+                sock = _wrap(self.other_tls, sock, via.hostname, budget(self.connect, until))
             if not https:  # the proxy forwards the request: it carries the absolute URL
                 sock.settimeout(self.read)
                 return Connected(sock, True, headers)
             try:
-                sock.settimeout(_budget(self.read, until))
-                _tunnel(sock, f"{_bracket(host)}:{port}", headers, until)
+                sock.settimeout(budget(self.read, until))
+                _tunnel(sock, f"{bracket(host)}:{port}", headers, until)
             except BaseException:
                 sock.close()
                 raise
             headers = {}
         if https:
-            sock = _wrap(self.tls_for(url), sock, host, _budget(self.connect, until))
+            sock = _wrap(self.tls_for(url), sock, host, budget(self.connect, until))
         sock.settimeout(self.read)
         return Connected(sock, False, headers)
 
@@ -160,7 +160,7 @@ class ProxyRefused(OSError):
 Watch = Callable[[socket.socket], None]
 
 
-def _budget(limit: float, until: float | None) -> float:
+def budget(limit: float, until: float | None) -> float:
     """A blocking step's timeout: `limit`, or less so as to end by `until`."""
     if until is None:
         return limit
@@ -210,7 +210,7 @@ def _tunnel(sock: socket.socket, target: str, headers: Mapping[str, str],
     sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
     answer = b""
     while b"\r\n\r\n" not in answer:  # the proxy sends nothing past its answer's head
-        sock.settimeout(_budget(sock.gettimeout() or 60.0, until))  # a trickle ends by it too
+        sock.settimeout(budget(sock.gettimeout() or 60.0, until))  # a trickle ends by it too
         data = sock.recv(4096)
         if not data or len(answer) > 65536:
             raise ProxyRefused(f"the proxy closed the tunnel to {target}")
@@ -221,7 +221,8 @@ def _tunnel(sock: socket.socket, target: str, headers: Mapping[str, str],
         raise ProxyRefused(f"the proxy refused a tunnel to {target}: {line}")
 
 
-def _bracket(host: str) -> str:
+def bracket(host: str) -> str:
+    """`host` as a URL or a Host header names it: an IPv6 address in brackets."""
     return f"[{host}]" if ":" in host else host
 
 

@@ -18,8 +18,8 @@ from support.tls import make_server_cert
 from mirror import errors
 from mirror.blobs import BlobService
 from mirror.reference import Digest, parse_digest
-from mirror.upstream import download
-from mirror.upstream.download import Downloader, SocketBody
+from mirror.upstream import Answer, BodyBroken, Downloader, SocketBody
+from mirror.upstream import downloader as facade
 from mirror.upstream.transport import Transport
 
 Handler = Callable[["Server", socket.socket], None]
@@ -102,7 +102,7 @@ def downloader(server: Server, deadline: float = 3600.0) -> Downloader:
     return Downloader("up", Transport(server.url("/"), connect=2, read=2), deadline)
 
 
-async def body(answer: download.Answer) -> bytes:
+async def body(answer: Answer) -> bytes:
     data = b"".join([chunk async for chunk in answer.aiter_raw()])
     await answer.aclose()
     return data
@@ -250,7 +250,7 @@ def test_a_cancelled_error_body_read_still_closes_the_answer() -> None:
 
 def test_connections_per_upstream_are_limited(serve: Any,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(download, "LIMIT", 2)
+    monkeypatch.setattr(facade, "LIMIT", 2)
     release = threading.Event()
 
     def held(server: Server, conn: socket.socket) -> None:
@@ -359,7 +359,7 @@ def test_no_byte_after_an_abort_on_tls(serve: Any, tmp_path: Path) -> None:
             got += answer.readinto(view)
         time.sleep(0.3)  # the kernel's receive queue fills with records
         answer.abort()
-        with pytest.raises(download.BodyBroken):
+        with pytest.raises(BodyBroken):
             answer.readinto(view)
         await answer.aclose()
         await fetcher.aclose()
