@@ -4,6 +4,7 @@ NO_PROXY), and over TLS with a private CA and a client certificate (mTLS)."""
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -48,8 +49,12 @@ def test_upstreams_are_reached_through_the_proxy_unless_no_proxy_says(
     proxied = start_mirror(env={"HTTP_PROXY": proxy, "HTTPS_PROXY": proxy, "NO_PROXY": "",
                                 "no_proxy": ""})
     pull(proxied.host, image.ref, tmp_path / "a")
+    wanted = ("/v2/", "/token", f"/v2/{image.repo}/blobs/{image.blobs[0][0]}")
+    deadline = time.monotonic() + 10  # the proxy writes its log lines on its own time
+    while not all(what in log.read_text() for what in wanted) and time.monotonic() < deadline:
+        time.sleep(0.1)
     seen = log.read_text()
-    for what in ("/v2/", "/token", f"/v2/{image.repo}/blobs/{image.blobs[0][0]}"):
+    for what in wanted:
         assert what in seen, seen[-3000:]
     before = len(seen)
     direct = start_mirror(env={"HTTP_PROXY": proxy, "HTTPS_PROXY": proxy,
