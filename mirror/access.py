@@ -21,7 +21,9 @@ C the caller; facts live in the metadata store, shared by every worker and repli
    all, not even the mirror's own account (unless the upstream sets `expose_private`: then
    anonymous callers act as that account, by the operator's choice). A grant is never
    inferred from a 404, from a cached answer (positive or negative), or from another
-   caller's grant; a 401 or 403 for C revokes C's grant at once, everywhere.
+   caller's grant; a 401 or 403 for C revokes C's grant: at once in the worker that saw
+   it, and within `access_recheck` (1 s) in the others, which act on grants, links and
+   holdings they read that recently (never on a grant past its time, never on an absence).
 4. C may read D under R when C may read R (3) and D is linked to R (2); the bytes come from
    the cache only when U holds D (1). When C may read R but D is not linked, or C has no
    grant, an upstream HEAD of D under R with C's credential decides.
@@ -124,6 +126,7 @@ def _digests(value: object, key: str) -> list[str]:
 class Access:
     def __init__(self, metadata: Metadata, ttl: float = 60.0,
                  clock: Callable[[], float] = time.time, memo: int = 100_000,
+                 recheck: float = 1.0,
                  holds: Callable[[str, Digest], Awaitable[bool]] | None = None) -> None:
         self.metadata = metadata
         # Whether an upstream holds content: the store's answer (which rebuilds the fact from
@@ -137,6 +140,14 @@ class Access:
             memo)
         # Concurrent probes of one digest with one credential share one upstream HEAD.
         self._probes = SingleFlight()
+        # Facts that allowed a read, as read within `recheck` seconds (rule 3): grants by
+        # (U, R, C), and grants of C under which D linked to R was held, by (U, R, C, D).
+        # A hit costs no metadata read; a grant's age is judged on every use.
+        self.recheck = recheck
+        self._grants: cachetools.TTLCache[tuple[str, str, str], Grant] = cachetools.TTLCache(
+            memo, recheck, timer=time.monotonic)
+        self._readable: cachetools.TTLCache[tuple[str, str, str, str], Grant] = \
+            cachetools.TTLCache(memo, recheck, timer=time.monotonic)
 
     # -- credentials (rule 6) --------------------------------------------------------------
 
@@ -167,7 +178,13 @@ class Access:
     async def granted(self, client: UpstreamClient, repo: str, caller: Caller,
                       lasting: bool = False) -> bool:
         """Whether C may read R now; `lasting`: a grant of any age counts (rule 5)."""
-        grant = await self.metadata.granted(client.name, repo, caller.identity)
+        key = (client.name, repo, caller.identity)
+        grant = self._grants.get(key)
+        if self._counts(client, grant, lasting):
+            return True
+        grant = await self.metadata.granted(*key)
+        if grant is not None and self.recheck > 0:
+            self._grants[key] = grant
         return self._counts(client, grant, lasting)
 
     def _counts(self, client: UpstreamClient, grant: Grant | None,
@@ -180,13 +197,16 @@ class Access:
 
     async def proven(self, client: UpstreamClient, repo: str, caller: Caller) -> None:
         """The upstream answered the caller's own credential with a 200 for `repo`."""
-        await self.metadata.grant(Grant(client.name, repo, caller.identity, self.clock(),
-                                        caller.durable))
+        grant = Grant(client.name, repo, caller.identity, self.clock(), caller.durable)
+        await self.metadata.grant(grant)
+        if self.recheck > 0:
+            self._grants[(client.name, repo, caller.identity)] = grant
 
     async def refused(self, client: UpstreamClient, repo: str, caller: Caller,
                       exc: errors.RegistryError) -> errors.RegistryError:
         """What the caller sees when the upstream refused it; a refusal revokes its grant."""
         if isinstance(exc, errors.Unauthorized | errors.Denied):
+            self._forget()
             await self.metadata.revoke(client.name, repo, caller.identity)
         if isinstance(exc, errors.Unauthorized):
             if not caller.anonymous and exc.detail == "insufficient_scope":
@@ -221,7 +241,13 @@ class Access:
         await self.link(client, repo, [str(digest), *linked_descriptors(data, media_type)])
         self._written[key] = True
 
+    def _forget(self) -> None:
+        """A grant or a link was taken back here: nothing read before it allows a read."""
+        self._grants.clear()
+        self._readable.clear()
+
     async def unlink(self, client: UpstreamClient, repo: str, digest: str) -> None:
+        self._forget()
         self._written.pop((client.name, repo, digest), None)
         self._written.pop((client.name, repo, "manifest:" + digest), None)
         await self.metadata.unlink(client.name, repo, digest)
@@ -239,7 +265,12 @@ class Access:
         "blobs"); raise the error it should see otherwise."""
         self.check_binding(client, caller)
         name, text = client.name, str(digest)
+        key = (name, repo, caller.identity, text)
+        if self._counts(client, self._readable.get(key)):
+            return Decision(True)
         grant, linked, held = await self.metadata.readable(name, repo, caller.identity, text)
+        if held and grant is not None and self.recheck > 0 and self._counts(client, grant):
+            self._readable[key] = grant
         if self._counts(client, grant) and linked:
             # (the store looks further than the metadata only when the metadata says no)
             return Decision(held or await self._holds(name, digest))

@@ -63,6 +63,6 @@ def build(settings: Settings, metrics: Metrics | None = None) -> Services:
         negative_entries=settings.negative_cache_entries,
         hot_bytes=settings.manifest_cache_bytes)
     access = Access(metadata, settings.access_ttl, memo=settings.link_cache_entries,
-                    holds=store.holds)
+                    recheck=settings.access_recheck, holds=store.holds)
     return Services(settings, metadata, store, clients, fills, manifests,
                     BlobService(store, fills), access, Identities(metadata.secret))

@@ -130,6 +130,8 @@ class Settings:
     metrics_listen: str = ""
     # How long a caller's proven access to a repository is trusted (seconds).
     access_ttl: float = 60.0
+    # How long a worker acts on what it read about access without reading it again (seconds).
+    access_recheck: float = 1.0
     # Seconds a whole upstream request may take, body included (a blob download too).
     upstream_deadline: float = 3600.0
     # Bytes per second the background scrub re-hashes cached content at (0: off).
@@ -287,6 +289,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "metrics_listen": lambda n, v: listen(n, v) if v else "",
     "max_layer_size": size,
     "access_ttl": positive,
+    "access_recheck": positive,
     "upstream_deadline": positive,
     "scrub_rate": size,
     "redis_url": lambda n, v: redis_url(n, v),

@@ -8,6 +8,7 @@ import asyncio
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support.authfake import AuthUpstream, Image, digest_of
@@ -638,5 +639,84 @@ def test_an_outage_serves_a_digest_only_under_the_repository_it_is_linked_to(
             await fish(mirror, None, image, fake, ["public/app", SECRET])
             await fish(mirror, "bob", image, fake, ["public/app", SECRET])
             assert set((await pull(mirror, "alice", SECRET, "1.0")).values()) == {200}
+
+    asyncio.run(scenario())
+
+
+# -- what a worker read lately (rule 3, `access_recheck`) ------------------------------------
+
+
+def test_a_refusal_ends_access_at_once_in_its_worker_and_soon_in_the_others(
+    fake: AuthUpstream, tmp_path: Path
+) -> None:
+    image = secret_image(fake)
+
+    async def scenario() -> None:
+        # Two workers over one cache; every tag request asks the upstream (tag_ttl 0).
+        config = settings(tmp_path, Upstream("fake", fake.url), tag_ttl=0, access_recheck=0.3)
+        async with running(config) as one, running(config) as other:
+            for worker in (one, other, one):  # each read alice's grant, links and holdings
+                assert set((await pull(worker, "alice", SECRET, "1.0")).values()) == {200}
+            fake.repos[SECRET].readers.discard("alice")
+            tag = await one.caller("alice").get(f"/v2/{SECRET}/manifests/1.0")
+            assert tag.status_code in (401, 403)
+            await fish(one, "alice", image, fake, [SECRET])  # at once in that worker
+            await asyncio.sleep(0.35)  # past access_recheck (injected)
+            await fish(other, "alice", image, fake, [SECRET])  # and then in the other
+
+    asyncio.run(scenario())
+
+
+def test_what_a_worker_read_lately_never_stretches_a_grant(
+    fake: AuthUpstream, tmp_path: Path
+) -> None:
+    image = secret_image(fake)
+
+    async def scenario() -> None:
+        config = settings(tmp_path, Upstream("fake", fake.url), tag_ttl=300, access_ttl=0.5,
+                          access_recheck=300)
+        async with running(config) as mirror:
+            for _ in range(2):  # the second pull reads it all from the cache
+                assert set((await pull(mirror, "alice", SECRET, "1.0")).values()) == {200}
+            fake.repos[SECRET].readers.discard("alice")
+            await asyncio.sleep(0.6)  # past access_ttl, far within access_recheck
+            await fish(mirror, "alice", image, fake, [SECRET])
+
+    asyncio.run(scenario())
+
+
+def test_a_hit_reads_access_facts_once_per_access_recheck(
+    fake: AuthUpstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image = secret_image(fake)
+
+    async def scenario() -> None:
+        config = settings(tmp_path, Upstream("fake", fake.url), access_recheck=300)
+        async with running(config) as mirror:
+            assert set((await pull(mirror, "alice", SECRET, "1.0")).values()) == {200}
+            metadata = mirror.app.state.services.metadata
+            reads: list[tuple[str, ...]] = []
+            for name in ("readable", "granted"):
+                real = getattr(metadata, name)
+
+                async def counted(*args: str, real: Any = real, name: str = name) -> Any:
+                    reads.append((name, *args))
+                    return await real(*args)
+
+                monkeypatch.setattr(metadata, name, counted)
+            caller = mirror.caller("alice")
+            digests = [image.digest, *image.blobs]
+            for _ in range(5):
+                for digest in digests:
+                    kind = "manifests" if digest == image.digest else "blobs"
+                    response = await caller.get(f"/v2/{SECRET}/{kind}/{digest}")
+                    assert response.status_code == 200
+            # Once each, now that all is cached (the pull read them before they were held).
+            assert sorted(r[-1] for r in reads) == sorted(digests)
+            # Bob, who never proved access, reads the metadata (and is refused) every time.
+            for _ in range(2):
+                response = await mirror.caller("bob").get(f"/v2/{SECRET}/blobs/{image.blobs[0]}")
+                assert response.status_code in (401, 403)
+            assert len(reads) == len(digests) + 2
 
     asyncio.run(scenario())
