@@ -12,11 +12,13 @@ in front of it and measures:
 1. cache-hit blob throughput (curl, one ~200 MiB layer),
 2. cached manifest GETs per second (wrk), by tag and by digest, with 2 and 1 workers,
 3. cold pull wall time of a ~400 MiB image (skopeo) through a fresh mirror vs direct,
-4. 8 concurrent cold clients of one ~1 GiB blob: upstream GETs, wall time, and how soon
-   after the upstream's first byte every client has its first byte,
+4. 8 concurrent cold clients of one ~1 GiB blob (alike: each discards the body): upstream
+   GETs, wall time, and how soon after the upstream's first byte every client has its first
+   byte,
 5. the mirror's peak RSS during 4,
 6. one cold client of the ~1 GiB blob (the speed of one fill) and the CPU seconds the
-   mirror's process tree spends per GiB filled.
+   mirror's process tree spends per GiB filled, beside the floor of a verifying fill
+   (tests/bench/floor.py: the same data path as a bare loop) and sha256's own cost.
 
 Every cold run starts a fresh server with an empty cache (nginx too); runs alternate between
 the contenders; medians. `--baseline DIR` also runs the mirror code in DIR (another checkout)
@@ -258,6 +260,13 @@ def curl_argv(url: str, out: str, max_time: float, fmt: str = CURL_FORMAT) -> li
 def parse_curl(stdout: str) -> CurlResult:
     code, size, speed, total = stdout.split()[:4]
     return CurlResult(int(code), int(float(size)), float(speed), float(total))
+
+
+def sha256_cost() -> float:
+    """CPU seconds per GiB of sha256 alone, in memory (tests/bench/floor.py)."""
+    p = subprocess.run([sys.executable, str(BENCH_DIR / "floor.py"), "sha256"],
+                       capture_output=True, text=True, timeout=120, check=True)
+    return float(p.stdout)
 
 
 def curl(url: str, out: str = "/dev/null", max_time: float = 300) -> CurlResult:
@@ -865,7 +874,6 @@ class Bench:
         img = self.images["big"]
         digest, size = img.layers[0]
         url = f"{base}/v2/{img.info.repo}/blobs/{digest}"
-        out0 = self.work / f"{label}-client0.bin"
         max_time = 600
         mark = self.upstream.mark()
         procs: list[subprocess.Popen[str]] = []
@@ -876,11 +884,10 @@ class Bench:
             started = time.monotonic()
             wall_started = time.time()
             try:
-                for i in range(self.cfg.clients):
+                for _ in range(self.cfg.clients):
                     launched.append(time.time())
                     procs.append(subprocess.Popen(
-                        curl_argv(url, str(out0) if i == 0 else "/dev/null", max_time,
-                                  CLIENT_FORMAT),
+                        curl_argv(url, "/dev/null", max_time, CLIENT_FORMAT),
                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                         env=clean_env()))
                 results: list[CurlResult | str] = []
@@ -909,12 +916,18 @@ class Bench:
         upstream_gets = self.settled_blob_gets(mark, digest)
         complete = sum(1 for r in results
                        if isinstance(r, CurlResult) and r.code == 200 and r.size == size)
-        got0 = file_sha256(out0) if out0.exists() else "missing"
-        out0.unlink(missing_ok=True)
+        # The clients are alike: one that also wrote its body to disk took a bigger share of
+        # the CPU than the others and finished last, alone (tests/integration/
+        # test_single_flight.py checks every concurrent client's bytes). What the server
+        # serves once the clients are gone is checked here.
+        served = self.work / f"{label}-served.bin"
+        curl(url, str(served), max_time)
+        got = file_sha256(served)
+        served.unlink()
         return {
             "upstream_blob_gets": upstream_gets,
             "complete_clients": complete,
-            "client0_sha256_ok": got0 == digest,
+            "served_sha256_ok": got == digest,
             "wall_s": round(wall, 2),
             "cpu_s": round(cpu_s, 2),
             "launched_epoch": wall_started,
@@ -968,10 +981,10 @@ class Bench:
         n = self.cfg.clients
         for label, rs in runs.items():
             for r in rs:
-                if r["complete_clients"] != n or not r["client0_sha256_ok"]:
+                if r["complete_clients"] != n or not r["served_sha256_ok"]:
                     self.res.errors.append(
                         f"4. {label}: {r['complete_clients']}/{n} clients got {size} bytes, "
-                        f"client 0 sha256 ok: {r['client0_sha256_ok']}; {r['clients']}")
+                        f"served sha256 ok: {r['served_sha256_ok']}; {r['clients']}")
 
         def med(label: str, key: str) -> float:
             return statistics.median(r[key] for r in runs[label])
@@ -1096,6 +1109,8 @@ class Bench:
                 get("nginx", nginx.url, nginx.proc.pid)
             finally:
                 self.discard_nginx(nginx)
+            with self.floor(path, digest) as (url, pid):
+                get("floor", url, pid)
             get("direct", self.upstream.url, None)
             if i < 2:  # for information: the same every time
                 peer = self.start_registry(f"peer-single{i}", proxy=True)
@@ -1119,12 +1134,44 @@ class Bench:
                      med["mirror"] / med["direct"])
         self.res.add("   same, peer (distribution proxy) vs direct (info)", None, med["peer"],
                      med["peer"] / med["direct"])
+        self.res.add("   same, the floor (bare recv/sha256/write/sendfile loop, floor.py) vs "
+                     "nginx (info)", med["floor"], med["nginx"], med["floor"] / med["nginx"])
         self.res.add("   CPU s per GiB filled (server's process tree): mirror vs nginx",
                      cpu["mirror"], cpu["nginx"], cpu["mirror"] / cpu["nginx"], "<= 1.2 s",
                      cpu["mirror"] <= 1.2, fmt="{:.2f}")
         if "baseline" in cpu:
             self.res.add("   same, baseline mirror vs nginx (info)", cpu["baseline"],
                          cpu["nginx"], cpu["baseline"] / cpu["nginx"], fmt="{:.2f}")
+        self.res.add("   same, mirror vs the floor (info)", cpu["mirror"], cpu["floor"],
+                     cpu["mirror"] / cpu["floor"], fmt="{:.2f}")
+        hashing = sha256_cost()
+        self.res.raw["6_sha256_cpu_s_per_GiB"] = hashing
+        self.res.add("   CPU s per GiB of sha256 alone, in memory (floor.py sha256; info)",
+                     hashing, None, None, fmt="{:.2f}")
+
+    @contextlib.contextmanager
+    def floor(self, path: str, digest: str) -> Iterator[tuple[str, int]]:
+        """The floor of a verifying fill (tests/bench/floor.py) in front of the upstream:
+        its URL and pid, for one GET."""
+        assert self.upstream is not None
+        proc = subprocess.Popen(
+            [sys.executable, str(BENCH_DIR / "floor.py"), "serve", self.upstream.host, path,
+             digest, str(self.work)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=clean_env())
+        try:
+            assert proc.stdin is not None and proc.stdout is not None
+            port = int(proc.stdout.readline() or 0)
+            if not port:
+                raise BenchError(f"floor.py did not start: {proc.communicate(timeout=10)[1]}")
+            yield f"http://127.0.0.1:{port}", proc.pid
+            _, err = proc.communicate(timeout=60)  # closes its stdin: it exits
+            if proc.returncode != 0:
+                raise BenchError(f"floor.py failed: {err}")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
     # 7. the same cold paths with content on an object store
 
