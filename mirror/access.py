@@ -45,6 +45,7 @@ import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeAlias
 
 import cachetools
 
@@ -76,6 +77,8 @@ KINDS = (("manifests",), ("config", "layers"), ("fsLayers",))
 # not one for access: rate limits are often per account, so a caller could bring one on
 # for its own credential to have its old grants count again.
 OUTAGE = (errors.UpstreamError, errors.Unavailable)
+# What a worker read lately (rule 3): by key, when the read began and the grant it found.
+Memo: TypeAlias = "cachetools.TTLCache[tuple[str, ...], tuple[float, Grant]]"
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,12 +145,13 @@ class Access:
         self._probes = SingleFlight()
         # Facts that allowed a read, as read within `recheck` seconds (rule 3): grants by
         # (U, R, C), and grants of C under which D linked to R was held, by (U, R, C, D).
-        # A hit costs no metadata read; a grant's age is judged on every use.
+        # A hit costs no metadata read; a grant's age is judged on every use. A fact's
+        # time runs from when its read began, and a read begun before something was taken
+        # back here (`_forget`, counted by `_epoch`) is not kept.
         self.recheck = recheck
-        self._grants: cachetools.TTLCache[tuple[str, str, str], Grant] = cachetools.TTLCache(
-            memo, recheck, timer=time.monotonic)
-        self._readable: cachetools.TTLCache[tuple[str, str, str, str], Grant] = \
-            cachetools.TTLCache(memo, recheck, timer=time.monotonic)
+        self._grants: Memo = cachetools.TTLCache(memo, recheck, timer=time.monotonic)
+        self._readable: Memo = cachetools.TTLCache(memo, recheck, timer=time.monotonic)
+        self._epoch = 0
 
     # -- credentials (rule 6) --------------------------------------------------------------
 
@@ -179,12 +183,12 @@ class Access:
                       lasting: bool = False) -> bool:
         """Whether C may read R now; `lasting`: a grant of any age counts (rule 5)."""
         key = (client.name, repo, caller.identity)
-        grant = self._grants.get(key)
-        if self._counts(client, grant, lasting):
+        if self._counts(client, self._recall(self._grants, key), lasting):
             return True
+        since = self._since()
         grant = await self.metadata.granted(*key)
-        if grant is not None and self.recheck > 0:
-            self._grants[key] = grant
+        if grant is not None:
+            self._keep(self._grants, key, grant, since)
         return self._counts(client, grant, lasting)
 
     def _counts(self, client: UpstreamClient, grant: Grant | None,
@@ -198,16 +202,19 @@ class Access:
     async def proven(self, client: UpstreamClient, repo: str, caller: Caller) -> None:
         """The upstream answered the caller's own credential with a 200 for `repo`."""
         grant = Grant(client.name, repo, caller.identity, self.clock(), caller.durable)
+        since = self._since()
         await self.metadata.grant(grant)
-        if self.recheck > 0:
-            self._grants[(client.name, repo, caller.identity)] = grant
+        self._keep(self._grants, (client.name, repo, caller.identity), grant, since)
 
     async def refused(self, client: UpstreamClient, repo: str, caller: Caller,
                       exc: errors.RegistryError) -> errors.RegistryError:
         """What the caller sees when the upstream refused it; a refusal revokes its grant."""
         if isinstance(exc, errors.Unauthorized | errors.Denied):
             self._forget()
-            await self.metadata.revoke(client.name, repo, caller.identity)
+            try:
+                await self.metadata.revoke(client.name, repo, caller.identity)
+            finally:
+                self._forget()  # and what was read while the store took it
         if isinstance(exc, errors.Unauthorized):
             if not caller.anonymous and exc.detail == "insufficient_scope":
                 return errors.Denied(f"upstream {client.name} denied access to repository "
@@ -242,15 +249,39 @@ class Access:
         self._written[key] = True
 
     def _forget(self) -> None:
-        """A grant or a link was taken back here: nothing read before it allows a read."""
+        """A grant or a link was taken back here: nothing read before it allows a read,
+        nor does what a read begun before it finds (the store may have answered first)."""
+        self._epoch += 1
         self._grants.clear()
         self._readable.clear()
+
+    def _since(self) -> tuple[int, float]:
+        """When a read of access facts begins: for `_keep`."""
+        return self._epoch, time.monotonic()
+
+    def _keep(self, memo: Memo, key: tuple[str, ...], grant: Grant,
+              since: tuple[int, float]) -> None:
+        """Keep what a read begun at `since` found, unless something was taken back here
+        since it began."""
+        epoch, began = since
+        if self.recheck > 0 and epoch == self._epoch:
+            memo[key] = (began, grant)
+
+    def _recall(self, memo: Memo, key: tuple[str, ...]) -> Grant | None:
+        """A grant kept from a read begun within `recheck` seconds."""
+        kept = memo.get(key)
+        if kept is None or time.monotonic() - kept[0] >= self.recheck:
+            return None
+        return kept[1]
 
     async def unlink(self, client: UpstreamClient, repo: str, digest: str) -> None:
         self._forget()
         self._written.pop((client.name, repo, digest), None)
         self._written.pop((client.name, repo, "manifest:" + digest), None)
-        await self.metadata.unlink(client.name, repo, digest)
+        try:
+            await self.metadata.unlink(client.name, repo, digest)
+        finally:
+            self._forget()  # and what was read while the store took it
 
     # -- content (rule 1) ------------------------------------------------------------------
 
@@ -266,11 +297,12 @@ class Access:
         self.check_binding(client, caller)
         name, text = client.name, str(digest)
         key = (name, repo, caller.identity, text)
-        if self._counts(client, self._readable.get(key)):
+        if self._counts(client, self._recall(self._readable, key)):
             return Decision(True)
+        since = self._since()
         grant, linked, held = await self.metadata.readable(name, repo, caller.identity, text)
-        if held and grant is not None and self.recheck > 0 and self._counts(client, grant):
-            self._readable[key] = grant
+        if grant is not None and linked and held and self._counts(client, grant):
+            self._keep(self._readable, key, grant, since)
         if self._counts(client, grant) and linked:
             # (the store looks further than the metadata only when the metadata says no)
             return Decision(held or await self._holds(name, digest))

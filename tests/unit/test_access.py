@@ -720,3 +720,145 @@ def test_a_hit_reads_access_facts_once_per_access_recheck(
             assert len(reads) == len(digests) + 2
 
     asyncio.run(scenario())
+
+
+def _held_up(monkeypatch: pytest.MonkeyPatch, metadata: Any, name: str, when: Any,
+             after: bool) -> tuple[asyncio.Event, asyncio.Event]:
+    """Make `metadata.<name>` wait, when `when(*args)`, for the second event (set it to go
+    on), having set the first: before its work, or `after` it (an answer on its way back, as
+    with a store across the network)."""
+    real = getattr(metadata, name)
+    reached, gate = asyncio.Event(), asyncio.Event()
+
+    async def held(*args: Any) -> Any:
+        if not after and when(*args):
+            reached.set()
+            await gate.wait()
+        result = await real(*args)
+        if after and when(*args):
+            reached.set()
+            await gate.wait()
+        return result
+
+    monkeypatch.setattr(metadata, name, held)
+    return reached, gate
+
+
+def test_a_read_begun_before_a_refusal_is_not_kept_past_it(
+    fake: AuthUpstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image = secret_image(fake)
+    layer = image.layers[0]
+
+    async def scenario() -> None:
+        config = settings(tmp_path, Upstream("fake", fake.url), tag_ttl=0, access_recheck=300)
+        async with running(config) as mirror:
+            assert set((await pull(mirror, "alice", SECRET, "1.0")).values()) == {200}
+            answered, gate = _held_up(
+                monkeypatch, mirror.app.state.services.metadata, "readable",
+                lambda *args: args[-1] == layer, after=True)
+            alice = mirror.caller("alice")
+            await alice.login()
+            # A read of the layer: its facts read before the refusal, its answer delayed.
+            reading = asyncio.create_task(alice.get(f"/v2/{SECRET}/blobs/{layer}"))
+            await answered.wait()
+            fake.repos[SECRET].readers.discard("alice")
+            assert (await alice.get(f"/v2/{SECRET}/manifests/1.0")).status_code in (401, 403)
+            gate.set()
+            await reading  # begun before the refusal: it may end as it always could
+            # The refusal was seen in this worker: from now on, nothing read before it counts.
+            after = await alice.get(f"/v2/{SECRET}/blobs/{layer}")
+            assert after.status_code != 200 or not leaked(after.content, image, fake)
+            await fish(mirror, "alice", image, fake, [SECRET])
+
+    asyncio.run(scenario())
+
+
+def test_a_read_while_a_refusal_is_written_is_not_kept_past_it(
+    fake: AuthUpstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image = secret_image(fake)
+    layer = image.layers[0]
+
+    async def scenario() -> None:
+        config = settings(tmp_path, Upstream("fake", fake.url), tag_ttl=0, access_recheck=300)
+        async with running(config) as mirror:
+            assert set((await pull(mirror, "alice", SECRET, "1.0")).values()) == {200}
+            revoking, gate = _held_up(monkeypatch, mirror.app.state.services.metadata,
+                                      "revoke", lambda *args: True, after=False)
+            alice = mirror.caller("alice")
+            await alice.login()
+            fake.repos[SECRET].readers.discard("alice")
+            refusal = asyncio.create_task(alice.get(f"/v2/{SECRET}/manifests/1.0"))
+            await revoking.wait()  # the worker saw the refusal; its revocation is on its way
+            await alice.get(f"/v2/{SECRET}/blobs/{layer}")  # reads the grant not yet revoked
+            gate.set()
+            assert (await refusal).status_code in (401, 403)
+            after = await alice.get(f"/v2/{SECRET}/blobs/{layer}")
+            assert after.status_code != 200 or not leaked(after.content, image, fake)
+            await fish(mirror, "alice", image, fake, [SECRET])
+
+    asyncio.run(scenario())
+
+
+def test_a_read_while_an_unlink_is_written_is_not_kept_past_it(
+    fake: AuthUpstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image = secret_image(fake)
+    layer = image.layers[0]
+
+    async def scenario() -> None:
+        config = settings(tmp_path, Upstream("fake", fake.url), access_recheck=300)
+        async with running(config) as mirror:
+            assert set((await pull(mirror, "alice", SECRET, "1.0")).values()) == {200}
+            unlinking, gate = _held_up(monkeypatch, mirror.app.state.services.metadata,
+                                       "unlink", lambda *args: True, after=False)
+            alice, bob = mirror.caller("alice"), mirror.caller("bob")
+            await alice.login()
+            # Bob deletes the layer from the repository upstream; we unlink it from there.
+            deleting = asyncio.create_task(bob.request("DELETE",
+                                                       f"/v2/{SECRET}/blobs/{layer}"))
+            await unlinking.wait()
+            await alice.get(f"/v2/{SECRET}/blobs/{layer}")  # reads the link not yet dropped
+            gate.set()
+            assert (await deleting).status_code == 202
+            # Not linked any more, and the upstream says the repository lacks it.
+            after = await alice.get(f"/v2/{SECRET}/blobs/{layer}")
+            assert after.status_code == 404, after.status_code
+
+    asyncio.run(scenario())
+
+
+def test_a_slow_read_in_another_worker_is_not_kept_past_access_recheck(
+    fake: AuthUpstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image = secret_image(fake)
+    layer = image.layers[0]
+
+    async def scenario() -> None:
+        config = settings(tmp_path, Upstream("fake", fake.url), tag_ttl=0, access_recheck=0.5)
+        async with running(config) as one, running(config) as other:
+            for worker in (one, other):
+                assert set((await pull(worker, "alice", SECRET, "1.0")).values()) == {200}
+            await asyncio.sleep(0.55)  # what the other read in its pull has lapsed
+            answered, gate = _held_up(
+                monkeypatch, other.app.state.services.metadata, "readable",
+                lambda *args: args[-1] == layer, after=True)
+            alice = other.caller("alice")
+            await alice.login()
+            reading = asyncio.create_task(alice.get(f"/v2/{SECRET}/blobs/{layer}"))
+            await answered.wait()  # read before the refusal, answered slowly
+            fake.repos[SECRET].readers.discard("alice")
+            refused = asyncio.get_running_loop().time()
+            tag = await one.caller("alice").get(f"/v2/{SECRET}/manifests/1.0")
+            assert tag.status_code in (401, 403)
+            await asyncio.sleep(0.4)
+            gate.set()
+            await reading
+            await asyncio.sleep(0.55 - (asyncio.get_running_loop().time() - refused))
+            # Past access_recheck since the refusal: the other worker has noticed.
+            after = await alice.get(f"/v2/{SECRET}/blobs/{layer}")
+            assert after.status_code != 200 or not leaked(after.content, image, fake)
+            await fish(other, "alice", image, fake, [SECRET])
+
+    asyncio.run(scenario())
