@@ -78,7 +78,7 @@ KINDS = (("manifests",), ("config", "layers"), ("fsLayers",))
 # for its own credential to have its old grants count again.
 OUTAGE = (errors.UpstreamError, errors.Unavailable)
 # What a worker read lately (rule 3): by key, when the read began and the grant it found.
-Memo: TypeAlias = "cachetools.TTLCache[tuple[str, ...], tuple[float, Grant]]"
+Memo: TypeAlias = "cachetools.LRUCache[tuple[str, ...], tuple[float, Grant]]"
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,8 +149,8 @@ class Access:
         # time runs from when its read began, and a read begun before something was taken
         # back here (`_forget`, counted by `_epoch`) is not kept.
         self.recheck = recheck
-        self._grants: Memo = cachetools.TTLCache(memo, recheck, timer=time.monotonic)
-        self._readable: Memo = cachetools.TTLCache(memo, recheck, timer=time.monotonic)
+        self._grants: Memo = cachetools.LRUCache(memo)  # (`_recall` judges the age)
+        self._readable: Memo = cachetools.LRUCache(memo)
         self._epoch = 0
 
     # -- credentials (rule 6) --------------------------------------------------------------

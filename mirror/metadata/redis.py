@@ -11,7 +11,6 @@ replicas or Sentinel if wanted), not Redis Cluster.
 from __future__ import annotations
 
 import json
-import secrets
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -19,20 +18,19 @@ from mirror.metadata.base import (
     PAGE,
     AcceptKey,
     ContentRecord,
-    Grant,
     Metadata,
     PullCount,
     RefRecord,
     TagRecord,
     accept_text,
 )
+from mirror.metadata.redis_access import RedisAccess
 from mirror.metadata.redis_keys import (
     BATCH,
     NEXT,
     SEP,
     Scored,
     chunks,
-    grant_record,
     guarded,
     joined,
     lex_after,
@@ -47,14 +45,9 @@ from mirror.metadata.redis_sessions import RedisSessions
 LATEST = accept_text(None)
 
 
-class RedisMetadata(RedisSessions, Metadata):
-    """The interface's operations on the cache's index, access facts and counters."""
-
-    @guarded
-    async def secret(self) -> bytes:
-        key = self._key("secret")
-        await self.client.set(key, secrets.token_hex(32), nx=True)  # the first one wins
-        return bytes.fromhex(str(await self.client.get(key)))
+class RedisMetadata(RedisSessions, RedisAccess, Metadata):
+    """The interface's operations on the cache's index and counters (access facts:
+    `RedisAccess`; pins, uploads and locks: `RedisSessions`)."""
 
     # -- manifests -------------------------------------------------------------------------
 
@@ -345,57 +338,6 @@ class RedisMetadata(RedisSessions, Metadata):
     @guarded
     async def bump_generation(self) -> int:
         return int(await self.client.incr(self._key("generation")))
-
-    # -- access facts ----------------------------------------------------------------------
-
-    @guarded
-    async def link(self, upstream: str, repo: str, digests: Iterable[str]) -> None:
-        wanted = list(digests)
-        if wanted:
-            await self.client.sadd(self._key("links", upstream, repo), *wanted)
-
-    @guarded
-    async def unlink(self, upstream: str, repo: str, digest: str) -> None:
-        await self.client.srem(self._key("links", upstream, repo), digest)
-
-    @guarded
-    async def linked(self, upstream: str, repo: str, digest: str) -> bool:
-        return bool(await self.client.sismember(self._key("links", upstream, repo), digest))
-
-    @guarded
-    async def grant(self, grant: Grant) -> None:
-        g = grant
-        await self.scripts.grant(
-            keys=[self._key("grants", g.upstream, g.repo), self._key("transient")],
-            args=[g.identity, score_text(g.at), int(g.durable),
-                  joined(g.upstream, g.repo, g.identity)])
-
-    @guarded
-    async def granted(self, upstream: str, repo: str, identity: str) -> Grant | None:
-        value = await self.client.hget(self._key("grants", upstream, repo), identity)
-        return None if value is None else grant_record(upstream, repo, identity, value)
-
-    @guarded
-    async def revoke(self, upstream: str, repo: str, identity: str) -> None:
-        async with self.client.pipeline(transaction=True) as pipe:
-            pipe.hdel(self._key("grants", upstream, repo), identity)
-            pipe.zrem(self._key("transient"), joined(upstream, repo, identity))
-            await pipe.execute()
-
-    @guarded
-    async def prune_grants(self, before: float) -> int:
-        key = self._key("transient")
-        removed = 0
-        while True:  # each step removes what it read (or it was renewed): the range shrinks
-            members = [str(m) for m in await self.client.zrangebyscore(
-                key, "-inf", "(" + score_text(before), 0, BATCH)]
-            if members:
-                names = [m.rsplit(SEP, 1) for m in members]
-                removed += int(await self.scripts.prune_grants(
-                    keys=[key, *(self._key("grants", *n[0].split(SEP)) for n in names)],
-                    args=[score_text(before), *members, *(n[1] for n in names)]))
-            if len(members) < BATCH:
-                return removed
 
     @guarded
     async def upstream_names(self) -> list[str]:

@@ -72,7 +72,9 @@ from common import (  # noqa: E402
     TICK,
     BenchError,
     RssSampler,
+    Runner,
     abort_on,
+    append_report,
     cpu_seconds,
     loadavg,
     log,
@@ -301,7 +303,7 @@ def median(values: Iterable[float]) -> float:
     return statistics.median(items) if items else float("nan")
 
 
-class Bench:
+class Bench(Runner):
     def __init__(self, cfg: Config, work: Path, profile: bool) -> None:
         self.cfg = cfg
         self.work = work
@@ -363,12 +365,6 @@ class Bench:
     def discard_mirror(self, m: MirrorProc) -> None:
         m.stop()
         shutil.rmtree(m.cache_dir, ignore_errors=True)
-
-    def cleanup(self) -> None:
-        for fn in reversed(self.cleanups):
-            with contextlib.suppress(Exception):
-                fn()
-        self.cleanups.clear()
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -883,12 +879,6 @@ def report(cfg: Config, env: dict[str, str], res: Results, seconds: float) -> st
         *report_tail(res, nest=1),
     ]
     return "\n".join(lines)
-
-
-def append_report(path: Path, text: str) -> None:
-    old = path.read_text() if path.exists() else ""
-    sep = "" if not old else ("\n" if old.endswith("\n") else "\n\n")
-    path.write_text(old + sep + text)
 
 
 # -- main -----------------------------------------------------------------------------------

@@ -14,11 +14,14 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterable, Sequence
+import traceback
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any, ClassVar
+
+import httpx
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -89,6 +92,38 @@ class Comparison(Results):
             fmt: str = "{:.1f}") -> None:
         self.rows.append([metric, show(one, fmt), show(two, fmt), show_ratio(ratio), target,
                           show_ok(ok)])
+
+
+class Runner:
+    """What every benchmark's runner shares: the cleanups it registers as it starts
+    servers, and phases whose failure is recorded in the results instead of ending the run."""
+
+    res: Results
+    cleanups: list[Callable[[], object]]
+
+    def cleanup(self) -> None:
+        for fn in reversed(self.cleanups):
+            with contextlib.suppress(Exception):
+                fn()
+        self.cleanups.clear()
+
+    def phase(self, name: str, fn: Callable[[], None]) -> None:
+        log(f"== {name}")
+        started = time.monotonic()
+        try:
+            fn()
+        except (BenchError, subprocess.SubprocessError, httpx.HTTPError, OSError,
+                TimeoutError, RuntimeError, AssertionError, ValueError) as exc:
+            detail = "".join(traceback.format_exception_only(exc)).strip()
+            log(f"!! {name} failed: {detail}")
+            self.res.error(name, detail[:2000])
+        self.res.raw.setdefault("phase_seconds", {})[name] = round(time.monotonic() - started, 1)
+
+
+def append_report(path: Path, text: str) -> None:
+    """Append a section to the report at `path`, keeping what the file holds."""
+    old = path.read_text() if path.exists() else ""
+    path.write_text(old.rstrip("\n") + "\n\n" + text if old.strip() else text)
 
 
 def raw_text(raw: dict[str, Any], depth: int = 0, nest: int = 2) -> str:

@@ -62,7 +62,9 @@ from common import (  # noqa: E402
     BenchError,
     Comparison,
     RssSampler,
+    Runner,
     abort_on,
+    append_report,
     loadavg,
     log,
     machine,
@@ -471,7 +473,7 @@ class Nginx:
 # -- the benchmark ------------------------------------------------------------------------
 
 
-class Bench:
+class Bench(Runner):
     def __init__(self, cfg: Config, work: Path) -> None:
         self.cfg = cfg
         self.work = work
@@ -491,24 +493,6 @@ class Bench:
         self.store_size = self.redis_size = self.server_tags = 0
         self._n = 0
         self._miss_base = 100_000_000  # tags of miss runs: new every time
-
-    def cleanup(self) -> None:
-        for fn in reversed(self.cleanups):
-            with contextlib.suppress(Exception):
-                fn()
-        self.cleanups.clear()
-
-    def phase(self, name: str, fn: Callable[[], None]) -> None:
-        log(f"== {name}")
-        started = time.monotonic()
-        try:
-            fn()
-        except (BenchError, subprocess.SubprocessError, httpx.HTTPError, OSError,
-                TimeoutError, RuntimeError, AssertionError, ValueError) as exc:
-            detail = "".join(traceback.format_exception_only(exc)).strip()
-            log(f"!! {name} failed: {detail}")
-            self.res.error(name, detail[:2000])
-        self.res.raw.setdefault("phase_seconds", {})[name] = round(time.monotonic() - started, 1)
 
     # -- 1. the store through the interface --
 
@@ -994,12 +978,6 @@ def report(cfg: Config, env: dict[str, str], res: Results, seconds: float) -> st
         *report_tail(res, "###"),
     ]
     return "\n".join(lines)
-
-
-def append_report(path: Path, text: str) -> None:
-    """Append a section, keeping what the file holds."""
-    old = path.read_text() if path.exists() else ""
-    path.write_text(old.rstrip("\n") + "\n\n" + text if old.strip() else text)
 
 
 # -- main -----------------------------------------------------------------------------------

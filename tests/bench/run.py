@@ -67,6 +67,7 @@ from common import (  # noqa: E402
     Comparison,
     CpuMeter,
     RssSampler,
+    Runner,
     abort_on,
     cpu_seconds,
     loadavg,
@@ -489,7 +490,7 @@ def first_body_byte(host: str, port: int, path: str, size: int,
 # -- the benchmark --------------------------------------------------------------------------
 
 
-class Bench:
+class Bench(Runner):
     def __init__(self, cfg: Config, work: Path) -> None:
         self.cfg = cfg
         self.work = work
@@ -565,25 +566,7 @@ class Bench:
         """The mirrors measured in the cold phases: this checkout's, and the baseline's."""
         return {"mirror": REPO_ROOT, **({"baseline": self.baseline} if self.baseline else {})}
 
-    def cleanup(self) -> None:
-        for fn in reversed(self.cleanups):
-            with contextlib.suppress(Exception):
-                fn()
-        self.cleanups.clear()
-
     # -- phases --
-
-    def phase(self, name: str, fn: Callable[[], None]) -> None:
-        log(f"== {name}")
-        started = time.monotonic()
-        try:
-            fn()
-        except (BenchError, subprocess.SubprocessError, httpx.HTTPError, OSError,
-                TimeoutError, RuntimeError, AssertionError, ValueError) as exc:
-            detail = "".join(traceback.format_exception_only(exc)).strip()
-            log(f"!! {name} failed: {detail}")
-            self.res.error(name, detail[:2000])
-        self.res.raw.setdefault("phase_seconds", {})[name] = round(time.monotonic() - started, 1)
 
     def setup(self) -> None:
         cfg = self.cfg
