@@ -187,8 +187,7 @@ class Access:
             return True
         since = self._since()
         grant = await self.metadata.granted(*key)
-        if grant is not None:
-            self._keep(self._grants, key, grant, since)
+        self._keep(self._grants, key, grant, since)
         return self._counts(client, grant, lasting)
 
     def _counts(self, client: UpstreamClient, grant: Grant | None,
@@ -259,12 +258,14 @@ class Access:
         """When a read of access facts begins: for `_keep`."""
         return self._epoch, time.monotonic()
 
-    def _keep(self, memo: Memo, key: tuple[str, ...], grant: Grant,
+    def _keep(self, memo: Memo, key: tuple[str, ...], grant: Grant | None,
               since: tuple[int, float]) -> None:
         """Keep what a read begun at `since` found, unless something was taken back here
-        since it began."""
+        since it began. A grant found missing is no longer kept from an earlier read."""
         epoch, began = since
-        if self.recheck > 0 and epoch == self._epoch:
+        if grant is None:
+            memo.pop(key, None)
+        elif self.recheck > 0 and epoch == self._epoch:
             memo[key] = (began, grant)
 
     def _recall(self, memo: Memo, key: tuple[str, ...]) -> Grant | None:
@@ -301,7 +302,8 @@ class Access:
             return Decision(True)
         since = self._since()
         grant, linked, held = await self.metadata.readable(name, repo, caller.identity, text)
-        if grant is not None and linked and held and self._counts(client, grant):
+        self._keep(self._grants, key[:3], grant, since)
+        if linked and held and self._counts(client, grant):
             self._keep(self._readable, key, grant, since)
         if self._counts(client, grant) and linked:
             # (the store looks further than the metadata only when the metadata says no)

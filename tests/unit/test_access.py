@@ -862,3 +862,25 @@ def test_a_slow_read_in_another_worker_is_not_kept_past_access_recheck(
             await fish(other, "alice", image, fake, [SECRET])
 
     asyncio.run(scenario())
+
+
+def test_a_grant_found_gone_is_not_honoured_from_memory_in_an_outage(
+    fake: AuthUpstream, tmp_path: Path
+) -> None:
+    image = secret_image(fake)
+
+    async def scenario() -> None:
+        config = settings(tmp_path, Upstream("fake", fake.url), tag_ttl=0, access_ttl=0.5,
+                          access_recheck=300)
+        async with running(config) as mirror:
+            for _ in range(2):  # this worker keeps alice's grant in memory
+                assert set((await pull(mirror, "alice", SECRET, "1.0")).values()) == {200}
+            # Another worker saw the upstream refuse alice and revoked her grant.
+            metadata = mirror.app.state.services.metadata
+            identity = (await _identities(mirror, SECRET))[0]
+            await metadata.revoke("fake", SECRET, identity)
+            await asyncio.sleep(0.6)  # past access_ttl: this worker asks the metadata again
+            fake.down = True  # and finds no grant; then the upstream is out of reach
+            await fish(mirror, "alice", image, fake, [SECRET])
+
+    asyncio.run(scenario())
