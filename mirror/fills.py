@@ -23,22 +23,18 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
 
+from mirror.cluster import Cluster, Holder
 from mirror.datapath import MAX_THREADS, DigestMismatch, Fetch, Pump
 from mirror.errors import RegistryError, UpstreamError, UpstreamTimeout
+from mirror.locks import FillLock, lock_is_held
 from mirror.metrics import Metrics
 from mirror.objectstore import Writer
-from mirror.upstream import Streamed
-
-if TYPE_CHECKING:
-    from mirror.cluster import Cluster
-from mirror.cluster import Holder
-from mirror.locks import FillLock, lock_is_held
 from mirror.readers import Fill, LocalReader, Reader, RemoteReader
 from mirror.reference import Digest
 from mirror.relay import Relay
 from mirror.store import DISK_FULL, POLL, Store
+from mirror.upstream import Streamed
 
 log = logging.getLogger("mirror.fills")
 
