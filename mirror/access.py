@@ -198,6 +198,11 @@ class Access:
             return True
         return self.clock() - grant.at < self.ttl
 
+    def proof(self, client: UpstreamClient, repo: str, caller: Caller) -> Proof:
+        """C's access to R, for a tag resolution to check and record while it holds the
+        lock that keeps other workers from asking the upstream for C at the same time."""
+        return Proof(self, client, repo, caller)
+
     async def proven(self, client: UpstreamClient, repo: str, caller: Caller) -> None:
         """The upstream answered the caller's own credential with a 200 for `repo`."""
         grant = Grant(client.name, repo, caller.identity, self.clock(), caller.durable)
@@ -340,3 +345,19 @@ class Access:
         await self.link(client, repo, [text])
         length = response.headers.get("content-length", "")
         return int(length) if length.isascii() and length.isdigit() else None
+
+
+@dataclass(frozen=True, slots=True)
+class Proof:
+    """`Access.proof`: whether C's access to R counts now, and recording that it was proven."""
+
+    access: Access
+    client: UpstreamClient
+    repo: str
+    caller: Caller
+
+    async def held(self) -> bool:
+        return await self.access.granted(self.client, self.repo, self.caller)
+
+    async def record(self) -> None:
+        await self.access.proven(self.client, self.repo, self.caller)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 import cachetools
 
@@ -41,6 +42,15 @@ from mirror.metrics import Metrics
 from mirror.reference import Digest, parse_digest
 from mirror.store import Store
 from mirror.upstream import Credential, UpstreamClient, upstream_error
+
+
+class Proof(Protocol):
+    """A caller's access to a repository, as `mirror.access` keeps it: whether it was proven
+    lately (`held`), and recording that the upstream just proved it (`record`)."""
+
+    async def held(self) -> bool: ...
+
+    async def record(self) -> None: ...
 
 __all__ = ["ACCEPT_ALL", "ACCEPT_KEPT", "DOCKER_LIST", "DOCKER_MANIFEST", "MANIFEST_TYPES",
            "MAX_MANIFEST", "OCI_INDEX", "OCI_MANIFEST", "SCHEMA1", "SCHEMA1_SIGNED", "Manifest",
@@ -130,11 +140,12 @@ class ManifestService(ManifestBytes):
 
     async def resolve_fresh(
         self, client: UpstreamClient, repo: str, tag: str, accept: AcceptKey,
-        credential: Credential | None, identity: str,
+        credential: Credential | None, identity: str, proof: Proof | None = None,
     ) -> ManifestInfo | None:
         """Ask the upstream with `credential` (no cache answers: this is how a caller's
-        access is proven); the answer is kept for everyone. None: another worker was just
-        asking for the same caller; look at what it proved.
+        access is proven); the answer is kept for everyone, and `proof` recorded, before
+        another worker asking for the same caller goes on. None: such a worker just asked
+        (or `proof` was held by the time this one could ask); look at what it proved.
 
         A 404 is remembered briefly for this caller only (whoever else asks, asks again).
         """
@@ -151,19 +162,22 @@ class ManifestService(ManifestBytes):
             if lock is None:
                 return None
             try:
-                return await self._resolve_upstream(client, repo, tag, accept, credential)
+                if proof is not None and await proof.held():
+                    return None  # proven by whoever held the lock just before
+                info = await self._resolve_upstream(client, repo, tag, accept, credential)
+                await self._remember(client, repo, tag, accept, info)
+                if proof is not None:
+                    await proof.record()
+                return info
             finally:
                 lock.release()
 
         try:
-            info = await self._flight.do(("fresh", *key), ask)
+            return await self._flight.do(("fresh", *key), ask)
         except (errors.ManifestUnknown, errors.NameUnknown) as exc:
             if self.negative_ttl > 0:
                 self._missing[key] = exc
             raise
-        if info is not None:
-            await self._remember(client, repo, tag, accept, info)
-        return info
 
     async def record(self, client: UpstreamClient, repo: str, tag: str,
                      accept: AcceptKey | None, info: ManifestInfo) -> None:

@@ -270,7 +270,7 @@ class Handlers:
             try:
                 info = await self.manifests.resolve_fresh(
                     client, repo, tag, accept, self.access.probe_credential(client, caller),
-                    caller.identity)
+                    caller.identity, self.access.proof(client, repo, caller))
             except (errors.ManifestUnknown, errors.NameUnknown):
                 # A 404 proves nothing (no grant); a tag deleted upstream is still served,
                 # when asked to, to callers who proved their access before.
@@ -287,8 +287,7 @@ class Handlers:
                 raise
             except errors.RegistryError as exc:
                 raise await self.access.refused(client, repo, caller, exc) from None
-            if info is not None:
-                await self.access.proven(client, repo, caller)
+            if info is not None:  # (its proof is recorded)
                 return info
             # Another worker asked for this caller just now: its grant is there to use.
         raise errors.UpstreamError(f"could not resolve {repo}:{tag} on {client.name}")

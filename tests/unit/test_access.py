@@ -884,3 +884,41 @@ def test_a_grant_found_gone_is_not_honoured_from_memory_in_an_outage(
             await fish(mirror, "alice", image, fake, [SECRET])
 
     asyncio.run(scenario())
+
+
+def test_a_worker_that_missed_another_workers_proof_does_not_ask_again(
+    fake: AuthUpstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret_image(fake)
+    tag = "/manifests/1.0"
+
+    async def scenario() -> None:
+        config = settings(tmp_path, Upstream("fake", fake.url))
+        async with running(config) as one, running(config) as other:
+            # The other worker looks for alice's grant before the first worker has proved
+            # it, and goes on to ask the upstream only once the first worker is done.
+            access = other.app.state.services.access
+            real = access.granted
+            looked, done = asyncio.Event(), asyncio.Event()
+
+            async def late(*args: Any, **kwargs: Any) -> bool:
+                result = await real(*args, **kwargs)
+                if not looked.is_set():
+                    looked.set()
+                    await done.wait()
+                return result
+
+            monkeypatch.setattr(access, "granted", late)
+            alice_one, alice_other = one.caller("alice"), other.caller("alice")
+            await alice_one.login()
+            await alice_other.login()
+            second = asyncio.create_task(alice_other.get(f"/v2/{SECRET}{tag}"))
+            await looked.wait()
+            asked = fake.count("HEAD", tag) + fake.count("GET", tag)
+            assert (await alice_one.get(f"/v2/{SECRET}{tag}")).status_code == 200
+            done.set()
+            assert (await second).status_code == 200
+            # One proof, one upstream answer for the tag, shared by both workers.
+            assert fake.count("HEAD", tag) + fake.count("GET", tag) - asked == 1
+
+    asyncio.run(scenario())
